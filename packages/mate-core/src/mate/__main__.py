@@ -1,0 +1,3 @@
+from mate.cli import main
+
+raise SystemExit(main())

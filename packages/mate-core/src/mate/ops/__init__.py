@@ -1,0 +1,3 @@
+"""Operator families; importing this package registers every family's ops with dispatch."""
+
+from mate.ops import fmha  # noqa: F401
