@@ -39,8 +39,6 @@ Anything else (e.g. an odd stride from a sliced view) must be made contiguous
 by the caller first.
 """
 
-from __future__ import annotations
-
 import tilelang.language as T
 
 _VEC = 4  # fp32 elements per 16-byte load of out_partial
@@ -102,6 +100,7 @@ def combine_kernel(
     # Pad the smem rows so the `group` lanes reading consecutive splits of a
     # row hit different banks.
     pitch = block_m + 1
+    shfl_offsets = [1 << i for i in reversed(range(group.bit_length() - 1))]  # group/2, ..., 1
 
     S, B, L, H = T.dynamic("num_splits, batch, seqlen, heads")
     op_ss, op_sb, op_sl, op_sh = T.dynamic("op_ss, op_sb, op_sl, op_sh")
@@ -139,7 +138,9 @@ def combine_kernel(
             scales = T.alloc_shared((max_splits, pitch), "float32")
             acc = T.alloc_local((vecs_per_thread * _VEC,), "float32")
             vec_row = T.alloc_local((vecs_per_thread,), "int32")
-            vec_base = T.alloc_local((vecs_per_thread,), "int64")
+            vec_b = T.alloc_local((vecs_per_thread,), "int32")
+            vec_l = T.alloc_local((vecs_per_thread,), "int32")
+            vec_h = T.alloc_local((vecs_per_thread,), "int32")
 
             # ---- Phase 1a: lse_partial tile -> smem (rows outside the problem read as -inf,
             # which makes their scales 0 so phase 2 never touches them).
@@ -168,10 +169,8 @@ def combine_kernel(
                         s = lane + k * group
                         if s < S:
                             lse_max = T.max(lse_max, scales[s, m2])
-                    off = group // 2
-                    while off > 0:
+                    for off in shfl_offsets:
                         lse_max = T.max(lse_max, T.shfl_xor(lse_max, off))
-                        off //= 2
                     # All splits -inf: shift by 0 so exp() gives 0, not NaN.
                     shift = T.if_then_else(lse_max == neg_inf, T.float32(0), lse_max)
                     total = T.alloc_var("float32", init=0.0)
@@ -179,10 +178,8 @@ def combine_kernel(
                         s = lane + k * group
                         if s < S:
                             total = total + T.exp(scales[s, m2] - shift)
-                    off = group // 2
-                    while off > 0:
+                    for off in shfl_offsets:
                         total = total + T.shfl_xor(total, off)
-                        off //= 2
                     inv_sum = T.if_then_else((total == 0) | (total != total), T.float32(0), 1.0 / total)
                     for k in T.serial(T.ceildiv(S, group)):
                         s = lane + k * group
@@ -199,14 +196,11 @@ def combine_kernel(
                 slot = tx + j * threads
                 m = T.min(slot // num_vecs, block_m - 1) if ragged else slot // num_vecs
                 r = bx * block_m + m
-                # Rows outside the problem (or ragged slots) get row -1: no loads, no store.
+                # Rows outside the problem (and ragged slots) get row -1: no loads, no store.
                 vec_row[j] = T.if_then_else((r < num_rows) & (slot < tile_vecs), m, -1)
-                vec_base[j] = (
-                    T.Cast("int64", r // (L * H)) * op_sb
-                    + T.Cast("int64", r % L) * op_sl
-                    + T.Cast("int64", (r // L) % H) * op_sh
-                    + (slot % num_vecs) * _VEC
-                )
+                vec_b[j] = r // (L * H)
+                vec_l[j] = r % L
+                vec_h[j] = (r // L) % H
                 for q in T.vectorized(_VEC):
                     acc[j * _VEC + q] = 0.0
 
@@ -215,7 +209,14 @@ def combine_kernel(
                     if vec_row[j] >= 0:
                         sc = scales[s, vec_row[j]]
                         if sc > 0:
-                            ...
-            T.sync_threads()
+                            col = (tx + j * threads) % num_vecs * _VEC
+                            for q in T.vectorized(_VEC):
+                                acc[j * _VEC + q] += sc * out_partial[s, vec_b[j], vec_l[j], vec_h[j], col + q]
+
+            for j in T.unroll(vecs_per_thread):
+                if vec_row[j] >= 0:
+                    col = (tx + j * threads) % num_vecs * _VEC
+                    for q in T.vectorized(_VEC):
+                        out[vec_b[j], vec_l[j], vec_h[j], col + q] = T.Cast(out_dtype, acc[j * _VEC + q])
 
     return flash_attn_combine

@@ -1,0 +1,64 @@
+"""Honest GPU timing for benchmarks: device events, warm-up, median of many runs, inputs
+rotated so that the working set exceeds L2, and the measured copy bandwidth as the
+memory roofline."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+
+def time_ms(fn: Callable[..., object], arg_sets: Sequence[tuple], warmup: int = 10, iters: int = 100) -> float:
+    """Median milliseconds of fn(*args), cycling through `arg_sets` (use several sets whose
+    total size exceeds L2 so each run reads from DRAM)."""
+    for i in range(warmup):
+        fn(*arg_sets[i % len(arg_sets)])
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for i in range(iters):
+        args = arg_sets[i % len(arg_sets)]
+        starts[i].record()
+        fn(*args)
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def copies_to_exceed_l2(nbytes: int, device: torch.device | None = None) -> int:
+    """How many copies of an input of `nbytes` rotate through more than twice the L2 cache."""
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    return max(1, -(-2 * l2 // max(nbytes, 1)))
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth (bytes read + written per second), in GB/s."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), [()], warmup=5, iters=50)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def gpu_name() -> str:
+    return torch.cuda.get_device_name()
+
+
+def write_results(name: str, rows: list[dict], columns: list[str], notes: str, folder: Path) -> None:
+    """Save rows as JSON and as a markdown table under folder/<gpu>/."""
+    gpu = gpu_name()
+    target = folder / gpu.replace(" ", "_")
+    target.mkdir(parents=True, exist_ok=True)
+    (target / f"{name}.json").write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "notes": notes,
+                                                     "rows": rows}, indent=2))
+    lines = [f"# {name} on {gpu}", "", notes, "", "| " + " | ".join(columns) + " |",
+             "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
+    (target / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def _cell(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
