@@ -140,10 +140,11 @@ def test_flash_attn_func_window_softcap_scale(device, window_size, softcap, scal
 @requires_mate("flash_attn_varlen_func")
 @pytest.mark.parametrize("device", DEVICES)
 def test_flash_attn_func_qv_and_default_scale(device):
-    q, k, v = random_qkv("func-qv", 2, 3, 9, 4, 4, 64, torch.bfloat16, device, head_dim_v=128)
-    qv = torch.randn(2, 3, 4, 128, generator=testing.generator("func-qv-qv")).to(torch.bfloat16).to(device)
+    # Upstream accepts qv only with q head dim <= 64 and V head dim >= 256 (the MLA shape).
+    q, k, v = random_qkv("func-qv", 2, 3, 9, 4, 4, 64, torch.bfloat16, device, head_dim_v=256)
+    qv = torch.randn(2, 3, 4, 256, generator=testing.generator("func-qv-qv")).to(torch.bfloat16).to(device)
     out, lse = fai.flash_attn_func(q, k, v, qv=qv, return_attn_probs=True)
-    check_attention(out, lse, q, k, v, (64 + 128) ** -0.5, qv=qv)
+    check_attention(out, lse, q, k, v, (64 + 256) ** -0.5, qv=qv)
 
 
 @requires_mate("flash_attn_varlen_func")

@@ -1,0 +1,853 @@
+"""FlashAttention-3's forward API: flash_attn_varlen_func, flash_attn_with_kvcache and
+get_scheduler_metadata, with the signatures of the original MATE's ``mate.mha_interface``.
+
+Every call validates its inputs as upstream's ``hopper/flash_api.cpp`` does (errors name the
+argument), describes itself as a variant key, and runs through one ``torch.library`` custom
+op that writes caller-visible outputs in place: ``mate::fmha_fwd`` (writes out and
+softmax_lse) or, when new keys/values are appended to the cache, ``mate::fmha_fwd_kvcache``
+(also writes k_cache and v_cache). The op picks its backend with :mod:`mate.dispatch`:
+the PyTorch reference (:func:`mate.ops.fmha.reference.attention_forward`) on the CPU, a
+TileLang kernel on a GPU.
+
+No TileLang attention kernel exists yet. ``FWD.support`` declares what the first one is
+meant to accept; on a GPU a call raises :class:`mate.UnsupportedError` (or runs the
+reference with one warning under MATE_ALLOW_REFERENCE_FALLBACK=1). To plug a kernel in:
+implement ``launch(variant, args)`` (``args`` holds the custom op's arguments by name;
+the launcher writes ``args["out"]``, ``args["softmax_lse"]`` and, when ``args["k_new"]``
+is given, the cache ``args["k"]``/``args["v"]``), call :func:`set_forward_kernel`, set
+``FWD.build``, ``dispatch.register(FWD)`` and regenerate the README's support tables
+(``tools/gen-readme``).
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from mate import checks, dispatch, env, platform
+from mate.api import mate_api
+from mate.ops.fmha import reference
+
+FWD_DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn)
+SINK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256  # Q/K head dimension (upstream's get_max_headdim)
+MAX_HEAD_DIM_V = 512  # V head dimension, only with Q/K head dimension <= 64
+MAX_SPLITS = 256
+BACKENDS = ("auto", "tilelang", "reference", "mutlass", "mubin")  # the last two: the original MATE's names
+KERNEL_BACKENDS = ("tilelang", "mutlass", "mubin")
+
+# get_scheduler_metadata's tensor (int32, 1-D, length 3 * batch_size + 2):
+#   [0]                      SCHEDULER_METADATA_VERSION
+#   [1]                      batch_size
+#   [2 : 2 + b]              seqlen_q of each batch element (seqused_q, cu_seqlens_q or max_seqlen_q)
+#   [2 + b : 2 + 2b]         seqlen_k of each batch element: its cached keys (seqused_k, cu_seqlens_k or
+#                            max_seqlen_k) minus cache_leftpad, plus its new keys (cu_seqlens_k_new or
+#                            max_seqlen_k_new)
+#   [2 + 2b : 2 + 3b]        suggested number of KV splits of each batch element (num_splits when > 0,
+#                            else a heuristic from the multiprocessor count)
+# All computed with device ops from the arguments (no host sync), so it can be built inside a CUDA graph.
+# The reference path accepts it and ignores it: results never depend on it or on num_splits.
+SCHEDULER_METADATA_VERSION = 1
+_SPLIT_BLOCK_N = 128  # keys per block in the split heuristic
+
+
+def scheduler_metadata_length(batch_size: int) -> int:
+    return 3 * batch_size + 2
+
+
+# ---- what a TileLang kernel accepts ------------------------------------------------------
+
+def round_up_head_dim(head_dim: int) -> int:
+    """The compiled Q/K head dimension a head dimension runs with (upstream's round_up_headdim)."""
+    for size in (64, 96, 128, 192, 256):
+        if head_dim <= size:
+            return size
+    return 256
+
+
+def round_up_head_dim_v(head_dim_v: int) -> int:
+    for size in (64, 96, 128, 192, 256):
+        if head_dim_v <= size:
+            return size
+    return 512
+
+
+# The first TileLang forward kernel's intended coverage. Dispatch, `mate show-config` and the
+# README read it; widen it as the kernel grows.
+FWD_SUPPORT = dispatch.Support({
+    "dtype": (torch.float16, torch.bfloat16),
+    "head_dim": (64, 96, 128, 192, 256),
+    "head_dim_v": (64, 96, 128, 192, 256),
+    "causal": (False, True),
+    "local": (False, True),
+    "softcap": (False, True),
+    "learnable_sink": (False, True),
+    "varlen_q": (False, True),
+    "varlen_k": (False, True),
+    "paged_kv": (False, True),
+    "append_kv": (False,),
+    "rotary": (False,),
+    "qv": (False,),
+    "attention_chunk": (False,),
+    "leftpad_k": (False,),
+    "kv_batch_idx": (False,),
+    "context_parallel": (False,),
+})
+
+
+def fwd_variant(*, dtype: torch.dtype, head_dim: int, head_dim_v: int, causal: bool, local: bool, softcap: bool,
+                learnable_sink: bool, varlen_q: bool, varlen_k: bool, paged_kv: bool, append_kv: bool,
+                rotary: bool, qv: bool, attention_chunk: bool, leftpad_k: bool, kv_batch_idx: bool,
+                context_parallel: bool) -> dict:
+    """The variant key of a forward call (head dims rounded as the kernels are compiled)."""
+    rounded = round_up_head_dim(head_dim)
+    return {
+        "dtype": dtype, "head_dim": rounded,
+        "head_dim_v": rounded if head_dim_v == head_dim else round_up_head_dim_v(head_dim_v),
+        "causal": causal, "local": local, "softcap": softcap, "learnable_sink": learnable_sink,
+        "varlen_q": varlen_q, "varlen_k": varlen_k, "paged_kv": paged_kv, "append_kv": append_kv,
+        "rotary": rotary, "qv": qv, "attention_chunk": attention_chunk, "leftpad_k": leftpad_k,
+        "kv_batch_idx": kv_batch_idx, "context_parallel": context_parallel,
+    }
+
+
+def _build_fwd(**variant):
+    raise NotImplementedError("fmha.attention_forward: no TileLang kernel has been written yet")
+
+
+def _fwd_tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    return {torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}.get(dtype, (1e-5, 1e-5))
+
+
+def _fwd_check_case(device: torch.device):
+    generator = torch.Generator().manual_seed(0)
+    lengths_q, lengths_k = [3, 1, 5], [7, 4, 9]
+    cu_q = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
+    cu_k = torch.tensor([0, 7, 11, 20], dtype=torch.int32)
+    q = torch.randn(sum(lengths_q), 4, 64, generator=generator).to(torch.bfloat16)
+    k = torch.randn(sum(lengths_k), 2, 64, generator=generator).to(torch.bfloat16)
+    v = torch.randn(sum(lengths_k), 2, 64, generator=generator).to(torch.bfloat16)
+
+    def run():
+        return flash_attn_varlen_func(q.to(device), k.to(device), v.to(device), cu_q.to(device), cu_k.to(device),
+                                      max(lengths_q), max(lengths_k), causal=True, return_softmax_lse=True)
+
+    def expected():
+        return reference.attention_forward(q.double(), k.double(), v.double(), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                           max_seqlen_q=max(lengths_q), max_seqlen_k=max(lengths_k), causal=True)
+
+    return run, expected
+
+
+# Declared, not registered: registration (show-config, `mate check`, the README tables) waits
+# for a kernel. See the module docstring.
+FWD = dispatch.Op(name="fmha.attention_forward", family="fmha", support=FWD_SUPPORT, build=_build_fwd,
+                  check_case=_fwd_check_case, tolerance=_fwd_tolerance)
+
+_fwd_launcher: Callable[[dict, dict], None] | None = None
+_fallback_warned: set = set()
+
+
+def set_forward_kernel(launcher: Callable[[dict, dict], None] | None) -> None:
+    """Install (or with None remove) the TileLang launcher that runs supported variants."""
+    global _fwd_launcher
+    _fwd_launcher = launcher
+
+
+def select_backend(variant: dict, device: torch.device, backend: str = "auto") -> str:
+    """"tilelang" or "reference" for a forward call; raises UnsupportedError when neither may run.
+
+    backend="reference" forces the reference; "tilelang" (or the original MATE's "mutlass" /
+    "mubin") demands the kernel; "auto" follows MATE_BACKEND and the support matrix.
+    """
+    if backend == "reference":
+        return "reference"
+    info = platform.device_info(device)
+    if backend in KERNEL_BACKENDS:
+        if not info.is_gpu:
+            raise dispatch.UnsupportedError(f"{FWD.name}: backend={backend!r} needs a GPU, but the inputs are on "
+                                            f"{device}")
+        problems = FWD.support.violations(variant)
+        if platform.tilelang_version() is None:
+            problems.append("TileLang is not installed (pip install tilelang==0.1.15)")
+        if problems:
+            raise dispatch.UnsupportedError(f"{FWD.name} on {info.name}: the TileLang kernel does not support "
+                                            f"{'; '.join(problems)}")
+    elif dispatch.select(FWD, variant, device) == "reference":
+        return "reference"
+    if _fwd_launcher is not None:
+        return "tilelang"
+    if backend == "auto" and env.get("MATE_BACKEND") == "auto" and env.get("MATE_ALLOW_REFERENCE_FALLBACK"):
+        key = tuple(sorted(variant.items(), key=lambda item: item[0]))
+        if key not in _fallback_warned:
+            _fallback_warned.add(key)
+            warnings.warn(f"{FWD.name}: running the PyTorch reference because no TileLang attention kernel is "
+                          "available yet", stacklevel=3)
+        return "reference"
+    raise dispatch.UnsupportedError(
+        f"{FWD.name} on {info.name}: no TileLang attention kernel is available yet. "
+        "Set MATE_ALLOW_REFERENCE_FALLBACK=1 (or MATE_BACKEND=reference) to run the PyTorch reference instead.")
+
+
+# ---- the custom ops ------------------------------------------------------------------------
+
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, softmax_lse: torch.Tensor,
+                k_new: torch.Tensor | None, v_new: torch.Tensor | None, qv: torch.Tensor | None,
+                cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+                cu_seqlens_k_new: torch.Tensor | None, seqused_q: torch.Tensor | None,
+                seqused_k: torch.Tensor | None, page_table: torch.Tensor | None,
+                kv_batch_idx: torch.Tensor | None, leftpad_k: torch.Tensor | None,
+                rotary_cos: torch.Tensor | None, rotary_sin: torch.Tensor | None,
+                seqlens_rotary: torch.Tensor | None, q_descale: torch.Tensor | None,
+                k_descale: torch.Tensor | None, v_descale: torch.Tensor | None,
+                learnable_sink: torch.Tensor | None, cp_tot_seqused_k: torch.Tensor | None,
+                scheduler_metadata: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
+                softmax_scale: float, causal: bool, window_size_left: int, window_size_right: int,
+                attention_chunk: int, softcap: float, rotary_interleaved: bool, num_splits: int,
+                pack_gqa: bool | None, sm_margin: int, cp_world_size: int, cp_rank: int, backend: str) -> None:
+    args = dict(locals())
+    window = (window_size_left, window_size_right)
+    is_causal, is_local = _mask_flags(causal, window, attention_chunk, max_seqlen_q, max_seqlen_k,
+                                      page_table is not None, q.shape[-1])
+    variant = fwd_variant(
+        dtype=q.dtype, head_dim=q.shape[-1], head_dim_v=v.shape[-1], causal=is_causal, local=is_local,
+        softcap=softcap > 0, learnable_sink=learnable_sink is not None,
+        varlen_q=cu_seqlens_q is not None or seqused_q is not None,
+        varlen_k=cu_seqlens_k is not None or seqused_k is not None or leftpad_k is not None,
+        paged_kv=page_table is not None, append_kv=k_new is not None, rotary=rotary_cos is not None,
+        qv=qv is not None, attention_chunk=attention_chunk > 0, leftpad_k=leftpad_k is not None,
+        kv_batch_idx=kv_batch_idx is not None, context_parallel=cp_world_size > 1)
+    if select_backend(variant, q.device, backend) == "tilelang":
+        _fwd_launcher(variant, args)
+        return
+    result, lse = reference.attention_forward(
+        q, k, v, k_new=k_new, v_new=v_new, qv=qv, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        cu_seqlens_k_new=cu_seqlens_k_new, seqused_q=seqused_q, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, page_table=page_table, kv_batch_idx=kv_batch_idx, leftpad_k=leftpad_k,
+        rotary_cos=rotary_cos, rotary_sin=rotary_sin, seqlens_rotary=seqlens_rotary,
+        rotary_interleaved=rotary_interleaved, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+        softmax_scale=softmax_scale, causal=causal, window_size=window, attention_chunk=attention_chunk,
+        softcap=softcap, learnable_sink=learnable_sink, cp_world_size=cp_world_size, cp_rank=cp_rank,
+        cp_tot_seqused_k=cp_tot_seqused_k)
+    out.copy_(result)
+    softmax_lse.copy_(lse)
+
+
+def _forward_fake(*args, **kwargs) -> None:
+    return None
+
+
+# One implementation, two schemas: appending new keys/values also writes the cache (k, v).
+_fwd_op = torch.library.custom_op("mate::fmha_fwd", _forward_op, mutates_args=("out", "softmax_lse"))
+_fwd_op.register_fake(_forward_fake)
+_fwd_kvcache_op = torch.library.custom_op("mate::fmha_fwd_kvcache", _forward_op,
+                                          mutates_args=("k", "v", "out", "softmax_lse"))
+_fwd_kvcache_op.register_fake(_forward_fake)
+
+
+def _mask_flags(causal: bool, window: tuple[int, int], attention_chunk: int, seqlen_q: int, seqlen_k: int,
+                paged: bool, head_dim: int) -> tuple[bool, bool]:
+    """(is_causal, is_local) as upstream's host code picks the kernel, including its special case
+    that runs a one-query call without the causal mask (which changes nothing for one query),
+    except for paged head dims in (64, 128]."""
+    left = -1 if window[0] >= seqlen_k - 1 else window[0]
+    right = -1 if window[1] >= seqlen_q - 1 else window[1]
+    if seqlen_q == 1 and left < 0 and right < 0 and attention_chunk == 0 and not (paged and 64 < head_dim <= 128):
+        causal = False
+    return reference.mask_kind(causal, (left, right), attention_chunk, seqlen_q, seqlen_k)
+
+
+# ---- validation ----------------------------------------------------------------------------
+
+def _maybe_contiguous(value: torch.Tensor | None) -> torch.Tensor | None:
+    """Upstream's maybe_contiguous: a copy only when the last dimension is strided."""
+    return value.contiguous() if value is not None and value.stride(-1) != 1 else value
+
+
+def _int32_vector(name: str, value, device: torch.device, length: int, meaning: str) -> torch.Tensor:
+    checks.tensor(name, value, dtypes=(torch.int32,), ndim=1, device=device)
+    checks.shape(name, value, (length,), meaning)
+    return value.contiguous()
+
+
+def _integer(name: str, value, minimum: int = 0) -> int:
+    """An int argument (a Python int, a symbolic int under torch.compile, anything with
+    __index__, or an integer 0-d tensor as upstream's tests pass for window_size)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
+        value = int(value)
+    if isinstance(value, bool):
+        raise checks.ArgumentTypeError(f"{name}: expected an int, got bool")
+    if not isinstance(value, (int, torch.SymInt)):
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise checks.ArgumentTypeError(f"{name}: expected an int, got {type(value).__name__}") from None
+    if value < minimum:
+        raise checks.ArgumentError(f"{name}: must be at least {minimum}, got {value}")
+    return value
+
+
+def _window(window_size) -> tuple[int, int]:
+    if window_size is None:
+        return -1, -1
+    if not isinstance(window_size, (tuple, list, torch.Tensor)) or len(window_size) != 2:
+        raise checks.ArgumentTypeError(f"window_size: expected a (left, right) pair, got {window_size!r}")
+    return tuple(-1 if w is None else _integer("window_size", w, minimum=-(2**31)) for w in window_size)
+
+
+def _number(name: str, value, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise checks.ArgumentTypeError(f"{name}: expected a float, got {type(value).__name__}")
+    return float(value)
+
+
+def _attention_call(
+    *, q, k, v, k_new, v_new, qv, out, cu_seqlens_q, cu_seqlens_k, cu_seqlens_k_new, seqused_q, seqused_k,
+    max_seqlen_q, max_seqlen_k, page_table, kv_batch_idx, leftpad_k, rotary_cos, rotary_sin, seqlens_rotary,
+    q_descale, k_descale, v_descale, softmax_scale, causal, window_size, learnable_sink, attention_chunk, softcap,
+    rotary_interleaved, scheduler_metadata, num_splits, pack_gqa, sm_margin, cp_world_size, cp_rank,
+    cp_tot_seqused_k, names: dict[str, str], kv_in_place: bool,
+) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """Validate a forward call as upstream's mha_fwd does; return (op arguments, out, softmax_lse).
+
+    `names` maps upstream's argument names to the public function's (flash_attn_with_kvcache
+    calls the cache k_cache and the new keys k)."""
+    n = lambda key: names.get(key, key)  # noqa: E731
+
+    # q, k, v: dtypes, devices, ranks.
+    checks.tensor(n("q"), q, dtypes=FWD_DTYPES)
+    q_type, device = q.dtype, q.device
+    varlen_q, varlen_k, paged = cu_seqlens_q is not None, cu_seqlens_k is not None, page_table is not None
+    checks.tensor(n("q"), q, ndim=3 if varlen_q else 4)
+    for key, value in (("k", k), ("v", v)):
+        checks.tensor(n(key), value, ndim=3 if varlen_k else 4)
+        if value.dtype != q_type:
+            raise checks.ArgumentTypeError(f"{n(key)}: dtype {_dtype(value.dtype)} does not match q's "
+                                           f"{_dtype(q_type)} (query, key and value must have the same dtype)")
+        checks.tensor(n(key), value, device=device, last_dim_contiguous=kv_in_place)
+    q, qv = _maybe_contiguous(q), qv
+    if not kv_in_place:
+        k, v = _maybe_contiguous(k), _maybe_contiguous(v)
+
+    # Sizes.
+    num_heads, head_dim = q.shape[-2], q.shape[-1]
+    num_heads_k, head_dim_v = k.shape[-2], v.shape[-1]
+    if varlen_q:
+        checks.tensor(n("cu_seqlens_q"), cu_seqlens_q, dtypes=(torch.int32,), ndim=1, device=device)
+        cu_seqlens_q = cu_seqlens_q.contiguous()
+        if max_seqlen_q is None:
+            raise checks.ArgumentError(f"max_seqlen_q: must be given when {n('cu_seqlens_q')} is given")
+        batch_size, seqlen_q, total_q = cu_seqlens_q.shape[0] - 1, _integer("max_seqlen_q", max_seqlen_q), q.shape[0]
+        if batch_size < 0:
+            raise checks.ArgumentError(f"{n('cu_seqlens_q')}: expected batch_size + 1 >= 1 entries, got 0")
+    else:
+        batch_size, seqlen_q = q.shape[0], q.shape[1]
+        total_q = batch_size * seqlen_q
+    if paged:
+        checks.tensor(n("page_table"), page_table, dtypes=(torch.int32,), ndim=2, device=device)
+        page_table = _maybe_contiguous(page_table)
+        num_pages, page_size = k.shape[0], k.shape[1]
+        seqlen_k = page_table.shape[1] * page_size
+        batch_size_k = page_table.shape[0]
+    elif varlen_k:
+        checks.tensor(n("cu_seqlens_k"), cu_seqlens_k, dtypes=(torch.int32,), ndim=1, device=device)
+        cu_seqlens_k = cu_seqlens_k.contiguous()
+        if max_seqlen_k is None:
+            raise checks.ArgumentError(f"max_seqlen_k: must be given when {n('cu_seqlens_k')} is given")
+        seqlen_k = _integer("max_seqlen_k", max_seqlen_k)
+        batch_size_k = cu_seqlens_k.shape[0] - 1
+    else:
+        seqlen_k, batch_size_k = k.shape[1], k.shape[0]
+    if varlen_k and paged:
+        raise checks.ArgumentError(f"{n('cu_seqlens_k')}: a paged KV cache (page_table) cannot be packed with "
+                                   "cu_seqlens_k")
+    if varlen_k and kv_batch_idx is not None:
+        raise checks.ArgumentError(f"{n('kv_batch_idx')}: not supported with {n('cu_seqlens_k')}")
+    if kv_batch_idx is None and batch_size_k != batch_size:
+        source = n("page_table") if paged else (n("cu_seqlens_k") if varlen_k else n("k"))
+        raise checks.ArgumentError(f"{source}: batch size {batch_size_k} does not match q's batch size "
+                                   f"{batch_size} (pass {n('kv_batch_idx')} to index a larger cache)")
+
+    # Head dimensions.
+    checks.at_most(n("q"), head_dim, MAX_HEAD_DIM, "the head dimension (dim -1)")
+    if num_heads_k == 0 or num_heads % num_heads_k != 0:
+        raise checks.ArgumentError(f"{n('k')}: nheads_k={num_heads_k} must divide q's nheads={num_heads}")
+    if head_dim_v != head_dim:
+        if not ((128 < head_dim <= 192 and 96 < head_dim_v <= 128) or (head_dim <= 64 and head_dim_v <= 512)):
+            raise checks.ArgumentError(
+                f"{n('v')}: head dimension {head_dim_v} differs from q's {head_dim}; a different V head dimension "
+                "is supported only for Q/K head dimension in (128, 192] with V in (96, 128], or Q/K <= 64 with "
+                "V <= 512")
+        if head_dim_v > 256 and q_type == torch.float8_e4m3fn:
+            raise checks.ArgumentTypeError(f"{n('v')}: a V head dimension above 256 ({head_dim_v}) needs float16 "
+                                           "or bfloat16 inputs, got float8_e4m3fn")
+    alignment = 16 if q_type == torch.float8_e4m3fn else 8
+    for key, size in (("q", head_dim), ("v", head_dim_v)):
+        if size % alignment != 0:
+            raise checks.ArgumentError(f"{n(key)}: head dimension {size} must be a multiple of {alignment} for "
+                                       f"{_dtype(q_type)} inputs")
+
+    # Shapes.
+    if varlen_q:
+        checks.shape(n("q"), q, (total_q, num_heads, head_dim), "total_q, nheads, headdim")
+    if paged:
+        checks.shape(n("k"), k, (num_pages, page_size, num_heads_k, head_dim),
+                     "num_pages, page_size, nheads_k, headdim")
+        checks.shape(n("v"), v, (num_pages, page_size, num_heads_k, head_dim_v),
+                     "num_pages, page_size, nheads_k, headdim_v")
+    elif varlen_k:
+        total_k = k.shape[0]
+        checks.shape(n("k"), k, (total_k, num_heads_k, head_dim), "total_k, nheads_k, headdim")
+        checks.shape(n("v"), v, (total_k, num_heads_k, head_dim_v), "total_k, nheads_k, headdim_v")
+        checks.shape(n("cu_seqlens_k"), cu_seqlens_k, (batch_size + 1,), "batch_size + 1")
+    else:
+        checks.shape(n("k"), k, (batch_size_k, seqlen_k, num_heads_k, head_dim),
+                     "batch_size_k, seqlen_k, nheads_k, headdim")
+        checks.shape(n("v"), v, (batch_size_k, seqlen_k, num_heads_k, head_dim_v),
+                     "batch_size_k, seqlen_k, nheads_k, headdim_v")
+    if seqused_q is not None:
+        seqused_q = _int32_vector(n("seqused_q"), seqused_q, device, batch_size, "batch_size")
+    if seqused_k is not None:
+        seqused_k = _int32_vector(n("seqused_k"), seqused_k, device, batch_size, "batch_size")
+    if leftpad_k is not None:
+        leftpad_k = _int32_vector(n("leftpad_k"), leftpad_k, device, batch_size, "batch_size")
+    if kv_batch_idx is not None:
+        kv_batch_idx = _int32_vector(n("kv_batch_idx"), kv_batch_idx, device, batch_size, "batch_size")
+
+    # Output.
+    out_type = torch.bfloat16 if q_type == torch.float8_e4m3fn else q_type
+    out_shape = (total_q, num_heads, head_dim_v) if varlen_q else (batch_size, seqlen_q, num_heads, head_dim_v)
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or out.dtype != out_type:
+            checks.tensor("out", out, dtypes=(out_type,))
+        checks.tensor("out", out, ndim=len(out_shape), device=device, last_dim_contiguous=True)
+        checks.shape("out", out, out_shape, "total_q, nheads, headdim_v" if varlen_q else
+                     "batch_size, seqlen_q, nheads, headdim_v")
+    else:
+        out = torch.empty(out_shape, dtype=out_type, device=device)
+    lse_shape = (num_heads, total_q) if varlen_q else (batch_size, num_heads, seqlen_q)
+    softmax_lse = torch.empty(lse_shape, dtype=torch.float32, device=device)
+
+    # New keys/values appended to the cache.
+    if k_new is None and v_new is not None:
+        raise checks.ArgumentError(f"{n('k_new')}: must be given together with {n('v_new')}")
+    if k_new is None and cu_seqlens_k_new is not None:
+        raise checks.ArgumentError(f"{n('cu_seqlens_k_new')}: given without new keys ({n('k_new')})")
+    if k_new is not None:
+        if v_new is None:
+            raise checks.ArgumentError(f"{n('v_new')}: must be given together with {n('k_new')}")
+        if seqused_k is None:
+            raise checks.ArgumentError(f"{n('seqused_k')}: must be given when appending new keys ({n('k_new')})")
+        if seqlen_q > seqlen_k:
+            raise checks.ArgumentError(f"{n('k_new')}: appending needs seqlen_q ({seqlen_q}) <= the cache's seqlen "
+                                       f"({seqlen_k})")
+        varlen_k_new = cu_seqlens_k_new is not None
+        for key, value, dim in (("k_new", k_new, head_dim), ("v_new", v_new, head_dim_v)):
+            checks.tensor(n(key), value, ndim=3 if varlen_k_new else 4)
+            if value.dtype != q_type:
+                raise checks.ArgumentTypeError(f"{n(key)}: dtype {_dtype(value.dtype)} does not match q's "
+                                               f"{_dtype(q_type)}")
+            checks.tensor(n(key), value, device=device)
+            if varlen_k_new:
+                checks.shape(n(key), value, (value.shape[0], num_heads_k, dim), f"total_k_new, nheads_k, {dim}")
+            else:
+                checks.shape(n(key), value, (batch_size, value.shape[1], num_heads_k, dim),
+                             f"batch_size, seqlen_new, nheads_k, {dim}")
+        checks.shape(n("v_new"), v_new, tuple(k_new.shape[:-1]) + (head_dim_v,), "k_new's leading dims, headdim_v")
+        k_new, v_new = _maybe_contiguous(k_new), _maybe_contiguous(v_new)
+        if varlen_k_new:
+            cu_seqlens_k_new = _int32_vector(n("cu_seqlens_k_new"), cu_seqlens_k_new, device, batch_size + 1,
+                                             "batch_size + 1")
+
+    # Scheduling.
+    num_splits = _integer("num_splits", num_splits, minimum=-(2**31))
+    checks.at_most("num_splits", num_splits, MAX_SPLITS, "the number of splits")
+    if scheduler_metadata is not None:
+        checks.tensor("scheduler_metadata", scheduler_metadata, dtypes=(torch.int32,), ndim=1, device=device)
+        checks.shape("scheduler_metadata", scheduler_metadata, (scheduler_metadata_length(batch_size),),
+                     f"3 * batch_size + 2, from get_scheduler_metadata with batch_size={batch_size}")
+        if not scheduler_metadata.is_contiguous():
+            raise checks.ArgumentError("scheduler_metadata: must be contiguous")
+    if pack_gqa is not None and not isinstance(pack_gqa, bool):
+        raise checks.ArgumentTypeError(f"pack_gqa: expected None or a bool, got {type(pack_gqa).__name__}")
+    sm_margin = _integer("sm_margin", sm_margin)
+
+    # qv.
+    if qv is not None:
+        checks.tensor("qv", qv, ndim=3 if varlen_q else 4)
+        if head_dim > 64:
+            raise checks.ArgumentError(f"qv: only supported for head dimension <= 64, but q's is {head_dim}")
+        if head_dim_v < 256:
+            raise checks.ArgumentError(f"qv: only supported for V head dimension >= 256, but v's is {head_dim_v}")
+        if qv.dtype != q_type:
+            raise checks.ArgumentTypeError(f"qv: dtype {_dtype(qv.dtype)} does not match q's {_dtype(q_type)}")
+        checks.tensor("qv", qv, device=device)
+        checks.shape("qv", qv, out_shape, "like the output: q's leading dims, nheads, headdim_v")
+        qv = _maybe_contiguous(qv)
+
+    # Rotary embedding.
+    if rotary_cos is None and rotary_sin is not None:
+        raise checks.ArgumentError("rotary_sin: given without rotary_cos")
+    if rotary_cos is not None:
+        if k_new is None:
+            raise checks.ArgumentError(f"rotary_cos: rotary embedding needs new keys/values to append "
+                                       f"({n('k_new')}, {n('v_new')})")
+        if rotary_sin is None:
+            raise checks.ArgumentError("rotary_sin: must be given together with rotary_cos")
+        for key, value in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            checks.tensor(key, value, ndim=2, device=device)
+            if value.dtype != q_type:
+                raise checks.ArgumentTypeError(f"{key}: dtype {_dtype(value.dtype)} does not match q's "
+                                               f"{_dtype(q_type)}")
+        rotary_cos, rotary_sin = _maybe_contiguous(rotary_cos), _maybe_contiguous(rotary_sin)
+        for key, value in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            if not value.is_contiguous():
+                raise checks.ArgumentError(f"{key}: must be contiguous, got strides {value.stride()}")
+        seqlen_ro, rotary_dim = rotary_cos.shape[0], 2 * rotary_cos.shape[1]
+        checks.at_most("rotary_cos", rotary_dim, head_dim, "rotary_dim (2 * dim 1)")
+        if rotary_dim % 16 != 0:
+            raise checks.ArgumentError(f"rotary_cos: rotary_dim (2 * dim 1) is {rotary_dim}; it must be divisible "
+                                       "by 16")
+        if paged and seqlen_ro < seqlen_k:
+            raise checks.ArgumentError(f"rotary_cos: {seqlen_ro} positions (dim 0), but a paged cache needs at least "
+                                       f"its seqlen ({seqlen_k})")
+        checks.shape("rotary_sin", rotary_sin, tuple(rotary_cos.shape), "like rotary_cos")
+        if seqlens_rotary is not None:
+            seqlens_rotary = _int32_vector(n("seqlens_rotary"), seqlens_rotary, device, batch_size, "batch_size")
+    elif seqlens_rotary is not None:
+        raise checks.ArgumentError(f"{n('seqlens_rotary')}: given without rotary_cos/rotary_sin")
+
+    # FP8 descales (upstream reads them only for float8 inputs).
+    if q_type == torch.float8_e4m3fn:
+        for key, value in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale)):
+            if value is not None:
+                checks.tensor(key, value, dtypes=(torch.float32,), ndim=2, device=device)
+                checks.shape(key, value, (batch_size, num_heads_k), "batch_size, nheads_k")
+    else:
+        q_descale = k_descale = v_descale = None
+
+    # Scores and masks.
+    softcap = _number("softcap", softcap, 0.0)
+    if softcap < 0:
+        raise checks.ArgumentError(f"softcap: must be >= 0 (0 disables it), got {softcap}")
+    softmax_scale = _number("softmax_scale", softmax_scale,
+                            (head_dim + (head_dim_v if qv is not None else 0)) ** -0.5)
+    window = _window(window_size)
+    attention_chunk = _integer("attention_chunk", 0 if attention_chunk is None else attention_chunk)
+    if not isinstance(causal, bool):
+        raise checks.ArgumentTypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if not isinstance(rotary_interleaved, bool):
+        raise checks.ArgumentTypeError(f"rotary_interleaved: expected a bool, got {type(rotary_interleaved).__name__}")
+    if learnable_sink is not None:
+        checks.tensor("learnable_sink", learnable_sink, dtypes=SINK_DTYPES, ndim=1, device=device)
+        checks.shape("learnable_sink", learnable_sink, (num_heads,), "nheads")
+        learnable_sink = learnable_sink.contiguous()
+
+    # Context parallelism (the original MATE's extension; vLLM's FlashAttention fork semantics).
+    cp_world_size = _integer("cp_world_size", cp_world_size, minimum=-(2**31))
+    cp_rank = _integer("cp_rank", cp_rank, minimum=-(2**31))
+    if cp_world_size <= 0:
+        raise checks.ArgumentError(f"cp_world_size: must be positive (1 disables context parallelism), got "
+                                   f"{cp_world_size}")
+    if cp_world_size == 1:
+        if cp_rank != 0:
+            raise checks.ArgumentError(f"cp_rank: must be 0 when context parallelism is disabled, got {cp_rank}")
+        cp_tot_seqused_k = None  # ignored, as documented
+    else:
+        if not 0 <= cp_rank < cp_world_size:
+            raise checks.ArgumentError(f"cp_rank: must lie in [0, {cp_world_size}), got {cp_rank}")
+        if cp_tot_seqused_k is None:
+            raise checks.ArgumentError("cp_tot_seqused_k: must be given when context parallelism is enabled "
+                                       "(cp_world_size > 1)")
+        cp_tot_seqused_k = _int32_vector("cp_tot_seqused_k", cp_tot_seqused_k, device, batch_size,
+                                         "batch_size: each sequence's key count over all ranks")
+        _, is_local = _mask_flags(causal, window, attention_chunk, seqlen_q, seqlen_k, paged, head_dim)
+        if is_local:
+            raise checks.ArgumentError("window_size: local (sliding window or chunked) attention is not supported "
+                                       "with context parallelism (cp_world_size > 1)")
+
+    args = dict(
+        q=q, k=k, v=v, out=out, softmax_lse=softmax_lse, k_new=k_new, v_new=v_new, qv=qv,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, cu_seqlens_k_new=cu_seqlens_k_new,
+        seqused_q=seqused_q, seqused_k=seqused_k, page_table=page_table, kv_batch_idx=kv_batch_idx,
+        leftpad_k=leftpad_k, rotary_cos=rotary_cos, rotary_sin=rotary_sin, seqlens_rotary=seqlens_rotary,
+        q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, learnable_sink=learnable_sink,
+        cp_tot_seqused_k=cp_tot_seqused_k, scheduler_metadata=scheduler_metadata, max_seqlen_q=seqlen_q,
+        max_seqlen_k=seqlen_k, softmax_scale=softmax_scale, causal=causal, window_size_left=window[0],
+        window_size_right=window[1], attention_chunk=attention_chunk, softcap=softcap,
+        rotary_interleaved=rotary_interleaved, num_splits=num_splits, pack_gqa=pack_gqa, sm_margin=sm_margin,
+        cp_world_size=cp_world_size, cp_rank=cp_rank,
+    )
+    return args, out, softmax_lse
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _run(args: dict[str, Any], backend: str) -> None:
+    q, out = args["q"], args["out"]
+    if q.numel() == 0 or out.numel() == 0:
+        return  # upstream launches nothing either (and appends nothing)
+    op = torch.ops.mate.fmha_fwd_kvcache if args["k_new"] is not None else torch.ops.mate.fmha_fwd
+    op(**args, backend=backend)
+
+
+# ---- public functions ------------------------------------------------------------------------
+
+@mate_api(name="fmha.flash_attn_varlen_func", tolerance=_fwd_tolerance)
+def flash_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    seqused_q: torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None,
+    page_table: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    qv: torch.Tensor | None = None,
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
+    window_size: tuple | list | None = (-1, -1),
+    learnable_sink: torch.Tensor | None = None,
+    attention_chunk: int | None = 0,
+    softcap: float = 0.0,
+    scheduler_metadata: torch.Tensor | None = None,
+    num_splits: int = 0,
+    pack_gqa=None,
+    deterministic: bool = False,
+    sm_margin=0,
+    return_softmax_lse: bool = False,
+    backend: str = "auto",
+    cp_world_size: int = 1,
+    cp_rank: int = 0,
+    cp_tot_seqused_k: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+):
+    """FlashAttention-3 compatible forward over fixed-length or packed (varlen) sequences.
+
+    q: (batch_size, seqlen, nheads, headdim), or (total_q, nheads, headdim) with cu_seqlens_q
+    (batch_size + 1, int32) and max_seqlen_q. k, v: (batch_size, seqlen_k, nheads_k, headdim /
+    headdim_v), or (total_k, nheads_k, ...) with cu_seqlens_k and max_seqlen_k, or a paged
+    cache (num_pages, page_size, nheads_k, ...) with page_table (batch_size, pages_per_seq,
+    int32). seqused_q / seqused_k (batch_size, int32) limit the queries / keys used. dtypes
+    float16, bfloat16 or float8_e4m3fn (output bfloat16; q/k/v_descale (batch_size, nheads_k)
+    float32 dequantize). nheads_k divides nheads (GQA/MQA); headdim <= 256, a multiple of 8
+    (16 for FP8). Masks (causal, window_size, attention_chunk) align bottom-right; softcap,
+    learnable_sink (nheads,), qv and context parallelism (cp_world_size, cp_rank,
+    cp_tot_seqused_k (batch_size,) global key counts) as in :mod:`mate.ops.fmha.reference`.
+    num_splits, scheduler_metadata, pack_gqa, deterministic and sm_margin tune a kernel and
+    never change the result. backend: "auto", "tilelang" (the original MATE's "mutlass" /
+    "mubin" mean the same) or "reference".
+
+    Returns out (shaped like q with headdim_v; written into ``out`` when given), and with
+    return_softmax_lse also softmax_lse, float32, natural log: (batch_size, nheads, seqlen)
+    fixed-length, (nheads, total_q) varlen.
+    """
+    if backend not in BACKENDS:
+        raise checks.ArgumentError(f"backend: {backend!r} is not one of {', '.join(map(repr, BACKENDS))}")
+    args, out, softmax_lse = _attention_call(
+        q=q, k=k, v=v, k_new=None, v_new=None, qv=qv, out=out, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        cu_seqlens_k_new=None, seqused_q=seqused_q, seqused_k=seqused_k, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, page_table=page_table, kv_batch_idx=None, leftpad_k=None, rotary_cos=None,
+        rotary_sin=None, seqlens_rotary=None, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+        softmax_scale=softmax_scale, causal=causal, window_size=window_size, learnable_sink=learnable_sink,
+        attention_chunk=attention_chunk, softcap=softcap, rotary_interleaved=True,
+        scheduler_metadata=scheduler_metadata, num_splits=num_splits, pack_gqa=pack_gqa, sm_margin=sm_margin,
+        cp_world_size=cp_world_size, cp_rank=cp_rank, cp_tot_seqused_k=cp_tot_seqused_k, names={},
+        kv_in_place=False)
+    _run(args, backend)
+    return (out, softmax_lse) if return_softmax_lse else out
+
+
+_KVCACHE_NAMES = {"k": "k_cache", "v": "v_cache", "k_new": "k", "v_new": "v", "seqused_k": "cache_seqlens",
+                  "kv_batch_idx": "cache_batch_idx", "leftpad_k": "cache_leftpad", "seqlens_rotary": "rotary_seqlens"}
+
+
+@mate_api(name="fmha.flash_attn_with_kvcache", tolerance=_fwd_tolerance)
+def flash_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    qv: torch.Tensor | None = None,
+    rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None,
+    cache_seqlens: int | torch.Tensor | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
+    page_table: torch.Tensor | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k_new: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    rotary_seqlens: torch.Tensor | None = None,
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple | list | None = (-1, -1),
+    learnable_sink: torch.Tensor | None = None,
+    attention_chunk: int | None = 0,
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    scheduler_metadata: torch.Tensor | None = None,
+    num_splits: int = 0,
+    pack_gqa=None,
+    sm_margin=0,
+    return_softmax_lse: bool = False,
+    cp_world_size: int = 1,
+    cp_rank: int = 0,
+    cp_tot_seqused_k: torch.Tensor | None = None,
+):
+    """FlashAttention-3 compatible forward with a KV cache (decode / chunked prefill).
+
+    q: (batch_size, seqlen, nheads, headdim), or (total_q, nheads, headdim) with cu_seqlens_q
+    and max_seqlen_q. k_cache, v_cache: (batch_size_cache, seqlen_cache, nheads_k, headdim /
+    headdim_v), or paged (num_pages, page_size, nheads_k, ...) with page_table (batch_size,
+    pages_per_seq) int32, any page size; last dimension contiguous. cache_seqlens (int or
+    (batch_size,) int32): keys in the cache; cache_batch_idx maps batch element b to cache
+    row (or page-table row) cache_batch_idx[b]; cache_leftpad[b]: first valid cache row.
+
+    k, v (batch_size, seqlen_new, nheads_k, ...), or (total_k_new, ...) with cu_seqlens_k_new:
+    new keys/values, written into k_cache/v_cache *in place* at rows cache_seqlens[b], ... and
+    attended to with the cache. rotary_cos/rotary_sin (seqlen_ro, rotary_dim / 2), q's dtype:
+    the new keys are rotated at positions r, r + 1, ... and the queries too when causal or
+    local (else all at r), r = rotary_seqlens[b] or cache_seqlens[b]; rotary_interleaved picks
+    GPT-J (True) or GPT-NeoX pairs. Other arguments as flash_attn_varlen_func;
+    scheduler_metadata comes from get_scheduler_metadata.
+
+    Returns out (batch_size, seqlen, nheads, headdim_v) or (total_q, nheads, headdim_v), and
+    with return_softmax_lse also softmax_lse (batch_size, nheads, seqlen) or (nheads, total_q).
+    """
+    checks.tensor("q", q)
+    if cu_seqlens_q is not None:
+        checks.tensor("cu_seqlens_q", cu_seqlens_q, ndim=1)
+    batch_size = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q is not None else q.shape[0]
+    checks.tensor("k_cache", k_cache)
+    if cache_seqlens is not None and not isinstance(cache_seqlens, torch.Tensor):
+        cache_seqlens = torch.full((batch_size,), _integer("cache_seqlens", cache_seqlens), dtype=torch.int32,
+                                   device=k_cache.device)
+    args, out, softmax_lse = _attention_call(
+        q=q, k=k_cache, v=v_cache, k_new=k, v_new=v, qv=qv, out=None, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=None,
+        cu_seqlens_k_new=cu_seqlens_k_new, seqused_q=None, seqused_k=cache_seqlens, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=None, page_table=page_table, kv_batch_idx=cache_batch_idx, leftpad_k=cache_leftpad,
+        rotary_cos=rotary_cos, rotary_sin=rotary_sin, seqlens_rotary=rotary_seqlens, q_descale=q_descale,
+        k_descale=k_descale, v_descale=v_descale, softmax_scale=softmax_scale, causal=causal,
+        window_size=window_size, learnable_sink=learnable_sink, attention_chunk=attention_chunk, softcap=softcap,
+        rotary_interleaved=rotary_interleaved, scheduler_metadata=scheduler_metadata, num_splits=num_splits,
+        pack_gqa=pack_gqa, sm_margin=sm_margin, cp_world_size=cp_world_size, cp_rank=cp_rank,
+        cp_tot_seqused_k=cp_tot_seqused_k, names=_KVCACHE_NAMES, kv_in_place=True)
+    _run(args, "auto")
+    return (out, softmax_lse) if return_softmax_lse else out
+
+
+@torch.compiler.assume_constant_result
+def _multiprocessors(device: torch.device) -> int:
+    return platform.device_info(device).multiprocessors
+
+
+@mate_api(name="fmha.get_scheduler_metadata")
+def get_scheduler_metadata(
+    batch_size,
+    max_seqlen_q,
+    max_seqlen_k,
+    num_heads_q,
+    num_heads_kv,
+    headdim,
+    seqused_q: torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None,
+    qkv_dtype=torch.bfloat16,
+    headdim_v=None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    cu_seqlens_k_new: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
+    page_size=None,
+    max_seqlen_k_new=0,
+    causal=False,
+    window_size=(-1, -1),
+    attention_chunk=0,
+    has_softcap=False,
+    num_splits=0,
+    pack_gqa=None,
+    has_qv=False,
+    mp_margin=0,
+) -> torch.Tensor:
+    """Scheduling metadata for flash_attn_with_kvcache / flash_attn_varlen_func's
+    ``scheduler_metadata``: an int32 tensor of length 3 * batch_size + 2 on the tensors'
+    device (the default device when no tensor is given), laid out as
+    ``SCHEDULER_METADATA_VERSION`` describes: version, batch_size, then per batch element
+    seqlen_q, seqlen_k (cached minus leftpad plus new) and the suggested KV split count.
+    Computed with device ops only (no host sync; CUDA-graph capturable). Pass the same
+    scheduling arguments as the attention call it serves.
+    """
+    batch_size = _integer("batch_size", batch_size)
+    max_seqlen_q = _integer("max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = _integer("max_seqlen_k", max_seqlen_k)
+    max_seqlen_k_new = _integer("max_seqlen_k_new", max_seqlen_k_new)
+    num_heads_q = _integer("num_heads_q", num_heads_q, minimum=1)
+    num_heads_kv = _integer("num_heads_kv", num_heads_kv, minimum=1)
+    if num_heads_q % num_heads_kv != 0:
+        raise checks.ArgumentError(f"num_heads_kv: {num_heads_kv} must divide num_heads_q={num_heads_q}")
+    headdim = _integer("headdim", headdim, minimum=1)
+    checks.at_most("headdim", headdim, MAX_HEAD_DIM, "the Q/K head dimension")
+    headdim_v = headdim if headdim_v is None else _integer("headdim_v", headdim_v, minimum=1)
+    checks.at_most("headdim_v", headdim_v, MAX_HEAD_DIM_V, "the V head dimension")
+    checks.dtype_choice("qkv_dtype", qkv_dtype, FWD_DTYPES)
+    if page_size is not None:
+        _integer("page_size", page_size, minimum=1)
+    _window(window_size)
+    _integer("attention_chunk", 0 if attention_chunk is None else attention_chunk)
+    num_splits = _integer("num_splits", num_splits, minimum=-(2**31))
+    checks.at_most("num_splits", num_splits, MAX_SPLITS, "the number of splits")
+    mp_margin = _integer("mp_margin", mp_margin)
+    tensors = {"seqused_q": seqused_q, "seqused_k": seqused_k, "cu_seqlens_q": cu_seqlens_q,
+               "cu_seqlens_k": cu_seqlens_k, "cu_seqlens_k_new": cu_seqlens_k_new, "cache_leftpad": cache_leftpad}
+    given = [value for value in tensors.values() if isinstance(value, torch.Tensor)]
+    device = given[0].device if given else platform.default_device()
+    for name, value in tensors.items():
+        if value is not None:
+            cumulative = name.startswith("cu_")
+            _int32_vector(name, value, device, batch_size + 1 if cumulative else batch_size,
+                          "batch_size + 1" if cumulative else "batch_size")
+
+    def full(value: int) -> torch.Tensor:
+        return torch.full((batch_size,), value, dtype=torch.int32, device=device)
+
+    def lengths(cumulative: torch.Tensor) -> torch.Tensor:
+        return (cumulative[1:] - cumulative[:-1]).to(torch.int32)
+
+    seqlen_q = seqused_q if seqused_q is not None else (
+        lengths(cu_seqlens_q) if cu_seqlens_q is not None else full(max_seqlen_q))
+    seqlen_k = seqused_k if seqused_k is not None else (
+        lengths(cu_seqlens_k) if cu_seqlens_k is not None else full(max_seqlen_k))
+    if cache_leftpad is not None:
+        seqlen_k = seqlen_k - cache_leftpad
+    seqlen_k = seqlen_k + (lengths(cu_seqlens_k_new) if cu_seqlens_k_new is not None else full(max_seqlen_k_new))
+    if num_splits > 0:
+        splits = full(num_splits)
+    else:
+        # Split the keys only when the (batch, kv head, 128-query tile) work items leave
+        # multiprocessors idle; never more splits than 128-key blocks.
+        group = num_heads_q // num_heads_kv
+        tiles = max(1, batch_size * num_heads_kv * -(-max(1, max_seqlen_q * group) // 128))
+        processors = max(0, _multiprocessors(device) - mp_margin)
+        wanted = max(1, min(MAX_SPLITS, -(-processors // tiles))) if processors > tiles else 1
+        blocks = torch.div(seqlen_k + (_SPLIT_BLOCK_N - 1), _SPLIT_BLOCK_N, rounding_mode="floor")
+        splits = blocks.clamp(min=1, max=wanted).to(torch.int32)
+    header = [torch.full((1,), value, dtype=torch.int32, device=device)
+              for value in (SCHEDULER_METADATA_VERSION, batch_size)]
+    return torch.cat([*header, seqlen_q.to(torch.int32), seqlen_k.to(torch.int32), splits])
