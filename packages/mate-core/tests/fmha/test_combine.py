@@ -198,3 +198,14 @@ def test_kernel_compiles_for_sm90a(variant):
 
     kernel = jit.get_kernel(COMBINE.name, variant, platform.tilelang_target("sm_90a"), COMBINE.build)
     assert "__global__" in kernel.get_kernel_source()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [30, 66])
+def test_kernel_pads_head_dims_and_compacts_unaligned_layouts(head_dim):
+    out_partial, lse_partial = combine_inputs(5, 3, 17, 4, head_dim + 1, device="cuda")
+    out_partial = out_partial[..., 1:]  # misaligned start: the kernel's 16-byte loads cannot use it
+    out, lse = flash_attn_combine(out_partial, lse_partial, out_dtype=torch.bfloat16)
+    want_out, want_lse = reference.flash_attn_combine(out_partial.double(), lse_partial.double())
+    testing.assert_within_low_precision_error(out, want_out, want_out.bfloat16())
+    assert torch.allclose(lse.double(), want_lse, atol=1e-5, rtol=1e-5)

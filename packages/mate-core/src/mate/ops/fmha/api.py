@@ -54,7 +54,11 @@ def combine_variant(head_dim: int, out_dtype: torch.dtype) -> dict:
 @torch.library.custom_op("mate::fmha_combine", mutates_args=("out", "softmax_lse"))
 def _combine_op(out_partial: torch.Tensor, lse_partial: torch.Tensor, out: torch.Tensor,
                 softmax_lse: torch.Tensor) -> None:
-    variant = combine_variant(out_partial.shape[-1], out.dtype)
+    head_dim = out_partial.shape[-1]
+    # The kernel works on head dims that are multiples of 4 (16-byte loads); like upstream,
+    # other head dims run padded.
+    kernel_head_dim = -(-head_dim // 4) * 4
+    variant = combine_variant(kernel_head_dim, out.dtype)
     if dispatch.select(COMBINE, variant, out_partial.device) == "reference":
         merged, lse = reference.flash_attn_combine(out_partial, lse_partial)
         out.copy_(merged)
@@ -64,7 +68,15 @@ def _combine_op(out_partial: torch.Tensor, lse_partial: torch.Tensor, out: torch
 
     target = platform.device_info(out_partial.device).tilelang_target
     kernel = jit.get_kernel(COMBINE.name, variant, target, COMBINE.build)
-    kernel(*combine_kernel.launch_args(out_partial, lse_partial, out, softmax_lse))
+    if kernel_head_dim == head_dim and combine_kernel.check_layout(out_partial, lse_partial, out, softmax_lse):
+        kernel(*combine_kernel.launch_args(out_partial, lse_partial, out, softmax_lse))
+        return
+    # Layouts the kernel cannot address with aligned vector loads: compact, padded copies.
+    padding = (0, kernel_head_dim - head_dim)
+    compact_partial = torch.nn.functional.pad(out_partial, padding)
+    compact_out = torch.empty(out.shape[:-1] + (kernel_head_dim,), dtype=out.dtype, device=out.device)
+    kernel(*combine_kernel.launch_args(compact_partial, lse_partial, compact_out, softmax_lse))
+    out.copy_(compact_out[..., :head_dim])
 
 
 @_combine_op.register_fake

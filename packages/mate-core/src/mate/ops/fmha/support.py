@@ -6,8 +6,8 @@ import torch
 
 from mate import dispatch
 
-# Any head dim that is a multiple of 4 up to 512 (upstream pads others to a multiple of 4;
-# we compile one kernel per head dim, so the common ones are prebuilt by `mate aot`).
+# Kernel head dims: multiples of 4 up to 512 (the API pads other head dims to the next
+# multiple of 4, as upstream does); one kernel per head dim, the common ones prebuilt by `mate aot`.
 COMBINE_HEAD_DIMS = range(4, 513, 4)
 COMBINE_AOT_HEAD_DIMS = (64, 96, 128, 192, 256, 512)
 COMBINE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
