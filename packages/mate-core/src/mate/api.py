@@ -120,6 +120,15 @@ def _emit(lines: list[str]) -> None:
                 log_file.write(text)
 
 
+def call_op(op: Callable, impl: Callable, *args, **kwargs):
+    """Run a torch.library custom op: through the op while torch.compile traces (so the graph
+    holds it, without a break), else `impl` directly: the dispatcher's autograd/inplace layers
+    cost ~50-100 us per eager call, more than a decode kernel takes."""
+    if torch.compiler.is_compiling():
+        return op(*args, **kwargs)
+    return impl(*args, **kwargs)
+
+
 # ---- level-10 dumps ----------------------------------------------------------------------
 
 def _to_cpu(value: Any) -> Any:

@@ -29,6 +29,23 @@ def time_ms(fn: Callable[..., object], arg_sets: Sequence[tuple], warmup: int = 
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def time_ms_graph(fn: Callable[..., object], arg_sets: Sequence[tuple], iters: int = 50) -> float:
+    """Median milliseconds per fn(*args) with the host out of the way: one CUDA graph holds a
+    call for each arg set (rotating past L2), replayed `iters` times."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for args in arg_sets:  # warm-up (and JIT) outside the capture
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for args in arg_sets:
+            fn(*args)
+    per_replay = time_ms(graph.replay, [()], warmup=3, iters=iters)
+    return per_replay / len(arg_sets)
+
+
 def copies_to_exceed_l2(nbytes: int, device: torch.device | None = None) -> int:
     """How many copies of an input of `nbytes` rotate through more than twice the L2 cache."""
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mate import checks, dispatch, jit, platform
-from mate.api import mate_api
+from mate.api import call_op, mate_api
 from mate.ops.fmha import reference
 from mate.ops.fmha.support import COMBINE
 
@@ -43,7 +43,7 @@ def flash_attn_combine(out_partial: torch.Tensor, lse_partial: torch.Tensor, out
         out = torch.empty((batch, seqlen, heads, head_dim), dtype=out_dtype, device=device)
     softmax_lse = torch.empty((batch, heads, seqlen), dtype=torch.float32, device=device).transpose(1, 2)
     if out.numel():
-        torch.ops.mate.fmha_combine(out_partial, lse_partial, out, softmax_lse)
+        call_op(torch.ops.mate.fmha_combine, _combine, out_partial, lse_partial, out, softmax_lse)
     return out, softmax_lse
 
 
@@ -51,9 +51,8 @@ def combine_variant(head_dim: int, out_dtype: torch.dtype) -> dict:
     return {"head_dim": head_dim, "out_dtype": out_dtype}
 
 
-@torch.library.custom_op("mate::fmha_combine", mutates_args=("out", "softmax_lse"))
-def _combine_op(out_partial: torch.Tensor, lse_partial: torch.Tensor, out: torch.Tensor,
-                softmax_lse: torch.Tensor) -> None:
+def _combine(out_partial: torch.Tensor, lse_partial: torch.Tensor, out: torch.Tensor,
+             softmax_lse: torch.Tensor) -> None:
     head_dim = out_partial.shape[-1]
     # The kernel works on head dims that are multiples of 4 (16-byte loads); like upstream,
     # other head dims run padded.
@@ -79,6 +78,5 @@ def _combine_op(out_partial: torch.Tensor, lse_partial: torch.Tensor, out: torch
     out.copy_(compact_out[..., :head_dim])
 
 
-@_combine_op.register_fake
-def _(out_partial, lse_partial, out, softmax_lse) -> None:
-    return None
+_combine_op = torch.library.custom_op("mate::fmha_combine", _combine, mutates_args=("out", "softmax_lse"))
+_combine_op.register_fake(lambda out_partial, lse_partial, out, softmax_lse: None)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from mate import checks, dispatch, env, platform
-from mate.api import mate_api
+from mate.api import call_op, mate_api
 from mate.ops.fmha import reference
 
 FWD_DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn)
@@ -596,7 +596,7 @@ def _run(args: dict[str, Any], backend: str) -> None:
     if q.numel() == 0 or out.numel() == 0:
         return  # upstream launches nothing either (and appends nothing)
     op = torch.ops.mate.fmha_fwd_kvcache if args["k_new"] is not None else torch.ops.mate.fmha_fwd
-    op(**args, backend=backend)
+    call_op(op, _forward_op, **args, backend=backend)
 
 
 # ---- public functions ------------------------------------------------------------------------
