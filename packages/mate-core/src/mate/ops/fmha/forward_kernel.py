@@ -1,0 +1,373 @@
+"""TileLang kernel for the FlashAttention forward pass (prefill), varlen-first, for Hopper.
+
+``build(dtype, head_dim, head_dim_v, causal, has_window, has_softcap, ...)`` returns an
+uncompiled ``T.prim_func``. Only those static parameters and the tile configuration are baked
+in; token counts, batch, head counts and ``max_seqlen_q`` are symbolic, so one compiled kernel
+serves every sequence length and batch. Parameters of the prim_func, in order:
+
+    q              dtype    (total_q, heads_q, head_dim)      contiguous
+    k              dtype    (total_k, heads_k, head_dim)      contiguous
+    v              dtype    (total_k, heads_k, head_dim_v)    contiguous
+    cu_seqlens_q   int32    (batch + 1,)
+    cu_seqlens_k   int32    (batch + 1,)
+    out            dtype    (total_q, heads_q, head_dim_v)    contiguous, written
+    lse            float32  (heads_q, total_q)                contiguous, written
+    max_seqlen_q   int32    sizes the grid (>= every seqlen_q; larger only wastes empty blocks)
+    softmax_scale  float32  > 0
+    window_left    int32    -1 = unbounded (read only when has_window)
+    window_right   int32    -1 = unbounded (read only when has_window)
+    softcap        float32  > 0 (read only when has_softcap)
+
+``launch(kernel, ...)`` passes torch tensors in that order. Semantics (FlashAttention-3):
+sequence b owns query rows cu_seqlens_q[b]:cu_seqlens_q[b+1] and key rows
+cu_seqlens_k[b]:cu_seqlens_k[b+1]; query head h reads kv head h // (heads_q // heads_k).
+With off = seqlen_k - seqlen_q (bottom-right alignment), query i sees key j when
+j < seqlen_k, and j <= i + off if causal, and i + off - window_left <= j <= i + off +
+window_right if has_window (a side set to -1 is unbounded). Scores are
+s = softmax_scale * q.k, or softcap * tanh(softmax_scale * q.k / softcap) with softcap.
+out = softmax(s) @ v over the visible keys; lse = logsumexp(s) (natural log). A row that
+sees no key gets out = 0 and lse = -inf. Rows past a sequence's end are never written.
+
+Design (per CTA: one block of block_m query rows of one head of one sequence):
+  * warp specialization: the last warpgroup is the producer, which loads the Q tile once and
+    streams K and V blocks with TMA into `num_stages`-deep rings guarded by mbarriers; it
+    drops to 24 registers. The first block_m // 64 warpgroups are consumers (240 registers),
+    each owning 64 query rows.
+  * consumer loop per key block t: S_t = Q K_t^T (wgmma, shared-memory operands) is issued
+    together with O += P_{t-1} V_{t-1} (wgmma, P from registers); the softmax of S_t runs while
+    the P V gemm is on the tensor cores. With several consumer warpgroups, named barriers
+    hand the tensor cores round-robin from one warpgroup to the next (ping-pong), so one
+    warpgroup's softmax overlaps another's gemms.
+  * exp2 with log2(e) folded into the scale (one FFMA per score), online softmax with
+    per-iteration rescaling of O; -inf rows are handled by treating the row max as 0.
+  * key blocks are visited from the last visible one down to the first; only blocks that can
+    hold a visible key are loaded (causal and window block skipping), and the element-wise
+    mask is applied only to blocks that straddle a boundary. Causal grids run the longest
+    query blocks first.
+  * a tile that sees no key runs one fully masked block rather than branching around the
+    gemms: ptxas serializes every wgmma of a kernel when one sits on a divergent path.
+  * epilogue: O / l in registers -> shared memory (reusing the Q tile when head_dim_v ==
+    head_dim) -> 16-byte global stores guarded by the sequence length; lse likewise.
+"""
+
+from dataclasses import dataclass
+
+import tilelang.language as T
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Compile with fast math (ex2.approx for exp2, approximate division and log2); the prim_func
+# carries it, so it applies however the kernel is compiled (mate.jit passes no pass configs).
+PASS_CONFIGS = {"tl.enable_fast_math": True}
+
+# tanh.approx.f32 (one SFU instruction); CUDA's tanhf is a long software sequence.
+_TANH_SRC = ('__device__ __forceinline__ float mate_tanh_approx(float x) '
+             '{ float y; asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x)); return y; }\n')
+
+# Named-barrier ids for the consumer warpgroups' ping-pong (TileLang's own syncs use low ids).
+_PINGPONG_BARRIER = 10
+_SMEM_LIMIT = 227 * 1024  # Hopper: dynamic shared memory a block may opt into
+DTYPES = ("float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tile configuration. block_m is 64 rows per consumer warpgroup."""
+
+    block_m: int
+    block_n: int
+    num_stages: int = 2
+    pingpong: bool = True
+
+    @property
+    def consumers(self) -> int:
+        return self.block_m // 64
+
+    @property
+    def threads(self) -> int:
+        return 128 * (self.consumers + 1)
+
+
+def default_config(head_dim: int, head_dim_v: int | None = None, causal: bool = False,
+                   has_window: bool = False) -> Config:
+    """Tile sizes per head dim (register budget: 240 per consumer thread with two consumer
+    warpgroups, 160 with three; shared memory: Q + num_stages * (K + V) [+ O])."""
+    dv = head_dim_v or head_dim
+    d = max(head_dim, dv)
+    if d <= 64:
+        # Small head dims are softmax-bound: three consumer warpgroups keep the tensor cores fed,
+        # but at 160 registers a thread the masking code of causal / local variants spills.
+        return Config(block_m=128 if (causal or has_window) else 192, block_n=128)
+    if d <= 128:
+        return Config(block_m=128, block_n=128)
+    if d <= 192:
+        return Config(block_m=128, block_n=112 if dv <= 128 else 96)
+    return Config(block_m=128, block_n=64)
+
+
+def shared_memory_bytes(head_dim: int, head_dim_v: int, cfg: Config, elem_bytes: int = 2) -> int:
+    q = cfg.block_m * head_dim
+    kv = cfg.num_stages * cfg.block_n * (head_dim + head_dim_v)
+    o = 0 if head_dim_v == head_dim else cfg.block_m * head_dim_v
+    return (q + kv + o) * elem_bytes
+
+
+def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_window: bool, has_softcap: bool,
+          block_m: int | None = None, block_n: int | None = None, num_stages: int | None = None,
+          pingpong: bool | None = None):
+    """Build the forward prim_func (not compiled). See the module docstring for the signature."""
+    dtype = str(dtype).replace("torch.", "")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    D = int(head_dim)
+    DV = int(head_dim_v or head_dim)
+    if D % 16 or DV % 16 or not (16 <= D <= 256 and 16 <= DV <= 256):
+        raise ValueError(f"head dims must be multiples of 16 in [16, 256], got ({D}, {DV})")
+    base = default_config(D, DV, causal, has_window)
+    cfg = Config(block_m=block_m or base.block_m, block_n=block_n or base.block_n,
+                 num_stages=num_stages or base.num_stages,
+                 pingpong=base.pingpong if pingpong is None else bool(pingpong))
+    if cfg.block_m % 64 or not 1 <= cfg.consumers <= 3:
+        raise ValueError(f"block_m must be 64, 128 or 192, got {cfg.block_m}")
+    if cfg.block_n % 16 or not 16 <= cfg.block_n <= 256:
+        raise ValueError(f"block_n must be a multiple of 16 in [16, 256], got {cfg.block_n}")
+    if shared_memory_bytes(D, DV, cfg) > _SMEM_LIMIT:
+        raise ValueError(f"config {cfg} needs {shared_memory_bytes(D, DV, cfg)} bytes of shared memory")
+
+    bm, bn, S = cfg.block_m, cfg.block_n, cfg.num_stages
+    n_cons = cfg.consumers
+    cons_threads = 128 * n_cons
+    pingpong = cfg.pingpong and n_cons > 1
+    # Register split: setmaxnreg needs (producer + consumers) <= the registers the CTA launched with.
+    launch_regs = min(255, (65536 // cfg.threads) // 8 * 8)
+    cons_regs = 240 if n_cons <= 2 else 160
+    prod_regs = 24
+    assert 128 * prod_regs + cons_threads * cons_regs <= launch_regs * cfg.threads
+    acc = "float32"
+    NEG_INF = -T.infinity(acc)
+    BIG = 1 << 30  # stands for an unbounded window side
+    BAR = _PINGPONG_BARRIER
+    total_q, total_k, heads_q, heads_k, batch_plus_1 = T.dynamic("total_q, total_k, heads_q, heads_k, batch_plus_1")
+
+    @T.macro
+    def score_mod_and_mask(s, kb, empty, m0, m_last, off, seqlen_k, wl, wr, sc_in, sc_out):
+        # s <- softcap transform (log2 units), then -inf where key j is not visible from row i.
+        if has_softcap:
+            for i, j in T.Parallel(bm, bn):
+                s[i, j] = T.call_extern("float32", "mate_tanh_approx", s[i, j] * sc_in) * sc_out
+        c0 = kb * bn
+        need_mask = empty or c0 + bn > seqlen_k
+        if causal:
+            need_mask = need_mask or (c0 + bn - 1 > m0 + off)
+        if has_window:
+            need_mask = need_mask or (c0 + bn - 1 > m0 + off + wr) or (c0 < m_last + off - wl)
+        if need_mask:
+            for i, j in T.Parallel(bm, bn):
+                r = m0 + i + off  # the query row's position on the key axis
+                cj = c0 + j
+                ok = T.Not(empty) and cj < seqlen_k
+                if causal:
+                    ok = ok and cj <= r
+                if has_window:
+                    ok = ok and cj <= r + wr and cj >= r - wl
+                s[i, j] = T.if_then_else(ok, s[i, j], NEG_INF)
+
+    @T.macro
+    def online_softmax(s, m, m_prev, alpha, rs, cs):
+        # m <- running row max; alpha <- rescale of the previous partial results;
+        # s <- exp2(s * cs - max * cs); rs <- row sums. A row whose max is still -inf uses 0 as
+        # its max, so its scores exp to 0 instead of NaN.
+        T.copy(m, m_prev)
+        T.reduce_max(s, m, dim=1, clear=False)
+        for i in T.Parallel(bm):
+            alpha[i] = T.exp2(m_prev[i] * cs - T.if_then_else(m[i] == NEG_INF, 0, m[i] * cs))
+            m_prev[i] = T.if_then_else(m[i] == NEG_INF, 0, m[i] * cs)
+        for i, j in T.Parallel(bm, bn):
+            s[i, j] = T.exp2(s[i, j] * cs - m_prev[i])
+        T.reduce_sum(s, rs, dim=1)
+
+    @T.prim_func
+    def flash_attn_fwd(
+        q: T.Tensor((total_q, heads_q, D), dtype),
+        k: T.Tensor((total_k, heads_k, D), dtype),
+        v: T.Tensor((total_k, heads_k, DV), dtype),
+        cu_seqlens_q: T.Tensor((batch_plus_1,), "int32"),
+        cu_seqlens_k: T.Tensor((batch_plus_1,), "int32"),
+        out: T.Tensor((total_q, heads_q, DV), dtype),
+        lse: T.Tensor((heads_q, total_q), "float32"),
+        max_seqlen_q: T.int32,
+        softmax_scale: T.float32,
+        window_left: T.int32,
+        window_right: T.int32,
+        softcap: T.float32,
+    ):
+        T.annotate_pass_configs(PASS_CONFIGS)
+        with T.Kernel(T.ceildiv(max_seqlen_q, bm), heads_q, batch_plus_1 - 1, threads=cfg.threads) as (bx, by, bz):
+            if has_softcap:
+                T.import_source(_TANH_SRC)
+            q_s = T.alloc_shared((bm, D), dtype)
+            k_s = T.alloc_shared((S, bn, D), dtype)
+            v_s = T.alloc_shared((S, bn, DV), dtype)
+            o_s = q_s if D == DV else T.alloc_shared((bm, DV), dtype)
+            s = T.alloc_fragment((bm, bn), acc)
+            p = T.alloc_fragment((bm, bn), dtype)
+            o = T.alloc_fragment((bm, DV), acc)
+            m = T.alloc_fragment((bm,), acc)
+            m_prev = T.alloc_fragment((bm,), acc)
+            alpha = T.alloc_fragment((bm,), acc)
+            rs = T.alloc_fragment((bm,), acc)
+            l = T.alloc_fragment((bm,), acc)
+            q_full = T.alloc_barrier(128)
+            k_full = T.alloc_barrier([128] * S)
+            v_full = T.alloc_barrier([128] * S)
+            k_empty = T.alloc_barrier([cons_threads] * S)
+            v_empty = T.alloc_barrier([cons_threads] * S)
+
+            tx = T.get_thread_binding()
+            # Causal: the grid's first blocks take the last (longest) query blocks.
+            mblk = T.ceildiv(max_seqlen_q, bm) - 1 - bx if causal else bx
+            q0 = cu_seqlens_q[bz]
+            k0 = cu_seqlens_k[bz]
+            seqlen_q = cu_seqlens_q[bz + 1] - q0
+            seqlen_k = cu_seqlens_k[bz + 1] - k0
+            m0 = mblk * bm
+            if m0 < seqlen_q:
+                kh = by // (heads_q // heads_k)
+                off = seqlen_k - seqlen_q
+                m_last = T.min(m0 + bm, seqlen_q) - 1
+                # Keys any row of this tile can see: [lo_key, hi_key).
+                hi_key = seqlen_k
+                if causal:
+                    hi_key = T.min(hi_key, m_last + off + 1)
+                if has_window:
+                    hi_key = T.min(hi_key, T.if_then_else(window_right >= 0, m_last + off + window_right + 1, BIG))
+                lo_key = 0
+                if has_window:
+                    lo_key = T.max(0, T.if_then_else(window_left >= 0, m0 + off - window_left, 0))
+                n_max = T.ceildiv(T.max(hi_key, 0), bn)
+                n_min = lo_key // bn
+                nblk = T.max(n_max - n_min, 0)
+                empty = nblk == 0
+                nb = T.max(nblk, 1)  # an empty tile still runs one block, fully masked
+                wl = T.if_then_else(window_left >= 0, window_left, BIG)
+                wr = T.if_then_else(window_right >= 0, window_right, BIG)
+
+                if tx >= cons_threads:
+                    # ---- producer warpgroup: TMA loads ----
+                    T.set_max_nreg(prod_regs, 0)
+                    T.tma_copy(q[q0 + m0:q0 + m0 + bm, by, :], q_s, barrier=q_full)
+                    T.barrier_arrive(q_full)
+                    for t in T.serial(nb):
+                        kb = T.max(n_max - 1 - t, 0)
+                        st = t % S
+                        ph = (t // S) % 2
+                        T.barrier_wait(k_empty[st], ph ^ 1)
+                        T.tma_copy(k[k0 + kb * bn:k0 + kb * bn + bn, kh, :], k_s[st, :, :], barrier=k_full[st])
+                        T.barrier_arrive(k_full[st])
+                        T.barrier_wait(v_empty[st], ph ^ 1)
+                        T.tma_copy(v[k0 + kb * bn:k0 + kb * bn + bn, kh, :], v_s[st, :, :], barrier=v_full[st])
+                        T.barrier_arrive(v_full[st])
+                else:
+                    # ---- consumer warpgroups ----
+                    T.set_max_nreg(cons_regs, 1)
+                    cs = 1.0 if has_softcap else softmax_scale * LOG2E
+                    sc_in = softmax_scale / softcap
+                    sc_out = softcap * LOG2E
+                    wg = tx // 128
+                    T.fill(o, 0)
+                    T.fill(l, 0)
+                    T.fill(m, NEG_INF)
+                    if pingpong:
+                        # The last warpgroup lets the first one take the tensor cores first.
+                        if wg == n_cons - 1:
+                            T.named_barrier_arrive(BAR, 128 * 2)
+                    T.barrier_wait(q_full, 0)
+
+                    # first key block: S = Q K^T, softmax, P
+                    T.barrier_wait(k_full[0], 0)
+                    if pingpong:
+                        T.sync_threads(BAR + wg, 128 * 2)
+                    T.wgmma_gemm(q_s, k_s[0, :, :], s, transpose_B=True, clear_accum=True,
+                                 policy=T.GemmWarpPolicy.FullRow)
+                    if pingpong:
+                        T.named_barrier_arrive(BAR + (wg + 1) % n_cons, 128 * 2)
+                    T.wait_wgmma(0)
+                    T.barrier_arrive(k_empty[0])
+                    score_mod_and_mask(s, T.max(n_max - 1, 0), empty, m0, m_last, off, seqlen_k, wl, wr,
+                                       sc_in, sc_out)
+                    online_softmax(s, m, m_prev, alpha, rs, cs)
+                    T.copy(rs, l)
+                    T.copy(s, p)
+
+                    # steady state: S_t = Q K_t^T and O += P_{t-1} V_{t-1} in flight together;
+                    # the softmax of S_t overlaps the second gemm.
+                    for t in T.serial(1, nb):
+                        kb = n_max - 1 - t
+                        st = t % S
+                        pst = (t - 1) % S
+                        T.barrier_wait(k_full[st], (t // S) % 2)
+                        if pingpong:
+                            T.sync_threads(BAR + wg, 128 * 2)
+                        T.wgmma_gemm(q_s, k_s[st, :, :], s, transpose_B=True, clear_accum=True,
+                                     policy=T.GemmWarpPolicy.FullRow)
+                        T.barrier_wait(v_full[pst], ((t - 1) // S) % 2)
+                        T.wgmma_gemm(p, v_s[pst, :, :], o, policy=T.GemmWarpPolicy.FullRow)
+                        if pingpong:
+                            T.named_barrier_arrive(BAR + (wg + 1) % n_cons, 128 * 2)
+                        T.wait_wgmma(1)
+                        T.barrier_arrive(k_empty[st])
+                        score_mod_and_mask(s, kb, empty, m0, m_last, off, seqlen_k, wl, wr, sc_in, sc_out)
+                        online_softmax(s, m, m_prev, alpha, rs, cs)
+                        T.wait_wgmma(0)
+                        T.barrier_arrive(v_empty[pst])
+                        for i in T.Parallel(bm):
+                            l[i] = l[i] * alpha[i] + rs[i]
+                        for i, j in T.Parallel(bm, DV):
+                            o[i, j] *= alpha[i]
+                        T.copy(s, p)
+
+                    # last block: O += P V
+                    lst = (nb - 1) % S
+                    T.barrier_wait(v_full[lst], ((nb - 1) // S) % 2)
+                    if pingpong:
+                        T.sync_threads(BAR + wg, 128 * 2)
+                    T.wgmma_gemm(p, v_s[lst, :, :], o, policy=T.GemmWarpPolicy.FullRow)
+                    if pingpong:
+                        T.named_barrier_arrive(BAR + (wg + 1) % n_cons, 128 * 2)
+                    T.wait_wgmma(0)
+                    T.barrier_arrive(v_empty[lst])
+                    if pingpong:
+                        # Consume the last warpgroup's final hand-over (every barrier completes).
+                        if wg == 0:
+                            T.sync_threads(BAR, 128 * 2)
+
+                    # ---- epilogue ----
+                    for i, j in T.Parallel(bm, DV):
+                        o[i, j] = T.if_then_else(l[i] > 0, o[i, j] / l[i], 0)
+                    T.copy(o, o_s)
+                    for i, j in T.Parallel(bm, DV):
+                        if m0 + i < seqlen_q:
+                            out[q0 + m0 + i, by, j] = o_s[i, j]
+                    for i in T.Parallel(bm):
+                        if m0 + i < seqlen_q:
+                            lse[by, q0 + m0 + i] = T.if_then_else(
+                                l[i] > 0, (m[i] * cs + T.log2(l[i])) * LN2, NEG_INF)
+
+    return flash_attn_fwd
+
+
+def launch(kernel, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, out, lse, softmax_scale: float,
+           window: tuple[int, int] = (-1, -1), softcap: float = 0.0) -> None:
+    """Run a compiled forward kernel on torch tensors (no host sync, no copies).
+
+    q (total_q, heads_q, d), k (total_k, heads_k, d), v (total_k, heads_k, dv), cu_seqlens_*
+    int32 (batch + 1,), out (total_q, heads_q, dv) and lse (heads_q, total_q) float32 written in
+    place. window = (left, right) with -1 for an unbounded side; softcap 0 means none (the
+    kernel must have been built with has_softcap / has_window for them to take effect).
+    Nothing is launched when there is nothing to compute (no sequence, or max_seqlen_q <= 0).
+    """
+    if max_seqlen_q <= 0 or cu_seqlens_q.shape[0] <= 1:
+        return
+    kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, int(max_seqlen_q), float(softmax_scale),
+           int(window[0]), int(window[1]), float(softcap))
