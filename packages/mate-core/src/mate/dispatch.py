@@ -85,15 +85,18 @@ def ops() -> list[Op]:
     return list(_OPS.values())
 
 
-def select(op: Op, variant: Mapping[str, Any], device: torch.device) -> str:
-    """"tilelang" or "reference" for this call; raises UnsupportedError when neither may run."""
-    choice = env.get("MATE_BACKEND")
+def select(op: Op, variant: Mapping[str, Any], device: torch.device, backend: str = "auto") -> str:
+    """"tilelang" or "reference" for this call; raises UnsupportedError when neither may run.
+
+    `backend` is a per-call choice ("auto", "tilelang", "reference"); "auto" follows MATE_BACKEND.
+    """
+    choice = env.get("MATE_BACKEND") if backend == "auto" else backend
     if choice == "reference":
         return "reference"
     info = platform.device_info(device)
     if not info.is_gpu:
         if choice == "tilelang":
-            raise UnsupportedError(f"{op.name}: MATE_BACKEND=tilelang needs a GPU, but the inputs are on {device}")
+            raise UnsupportedError(f"{op.name}: the tilelang backend needs a GPU, but the inputs are on {device}")
         return "reference"
     problems = op.support.violations(variant)
     if platform.tilelang_version() is None:

@@ -164,24 +164,12 @@ def select_backend(variant: dict, device: torch.device, backend: str = "auto") -
     backend="reference" forces the reference; "tilelang" (or the original MATE's "mutlass" /
     "mubin") demands the kernel; "auto" follows MATE_BACKEND and the support matrix.
     """
-    if backend == "reference":
-        return "reference"
-    info = platform.device_info(device)
-    if backend in KERNEL_BACKENDS:
-        if not info.is_gpu:
-            raise dispatch.UnsupportedError(f"{FWD.name}: backend={backend!r} needs a GPU, but the inputs are on "
-                                            f"{device}")
-        problems = FWD.support.violations(variant)
-        if platform.tilelang_version() is None:
-            problems.append("TileLang is not installed (pip install tilelang==0.1.15)")
-        if problems:
-            raise dispatch.UnsupportedError(f"{FWD.name} on {info.name}: the TileLang kernel does not support "
-                                            f"{'; '.join(problems)}")
-    elif dispatch.select(FWD, variant, device) == "reference":
+    choice = "tilelang" if backend in KERNEL_BACKENDS else backend
+    if dispatch.select(FWD, variant, device, choice) == "reference":
         return "reference"
     if _fwd_launcher is not None:
         return "tilelang"
-    if backend == "auto" and env.get("MATE_BACKEND") == "auto" and env.get("MATE_ALLOW_REFERENCE_FALLBACK"):
+    if choice == "auto" and env.get("MATE_BACKEND") == "auto" and env.get("MATE_ALLOW_REFERENCE_FALLBACK"):
         key = tuple(sorted(variant.items(), key=lambda item: item[0]))
         if key not in _fallback_warned:
             _fallback_warned.add(key)
@@ -189,7 +177,7 @@ def select_backend(variant: dict, device: torch.device, backend: str = "auto") -
                           "available yet", stacklevel=3)
         return "reference"
     raise dispatch.UnsupportedError(
-        f"{FWD.name} on {info.name}: no TileLang attention kernel is available yet. "
+        f"{FWD.name} on {platform.device_info(device).name}: no TileLang attention kernel is available yet. "
         "Set MATE_ALLOW_REFERENCE_FALLBACK=1 (or MATE_BACKEND=reference) to run the PyTorch reference instead.")
 
 

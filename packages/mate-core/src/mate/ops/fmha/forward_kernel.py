@@ -103,7 +103,7 @@ def default_config(head_dim: int, head_dim_v: int | None = None, causal: bool = 
         return Config(block_m=128, block_n=128)
     if d <= 192:
         return Config(block_m=128, block_n=112 if dv <= 128 else 96)
-    return Config(block_m=128, block_n=64)
+    return Config(block_m=128, block_n=80)
 
 
 def shared_memory_bytes(head_dim: int, head_dim_v: int, cfg: Config, elem_bytes: int = 2) -> int:
@@ -182,9 +182,8 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
         T.reduce_max(s, m, dim=1, clear=False)
         for i in T.Parallel(bm):
             alpha[i] = T.exp2(m_prev[i] * cs - T.if_then_else(m[i] == NEG_INF, 0, m[i] * cs))
-            m_prev[i] = T.if_then_else(m[i] == NEG_INF, 0, m[i] * cs)
         for i, j in T.Parallel(bm, bn):
-            s[i, j] = T.exp2(s[i, j] * cs - m_prev[i])
+            s[i, j] = T.exp2(s[i, j] * cs - T.if_then_else(m[i] == NEG_INF, 0, m[i] * cs))
         T.reduce_sum(s, rs, dim=1)
 
     @T.prim_func
