@@ -476,7 +476,7 @@ def test_data_dependent_errors_surface_from_the_reference():
         flash_attn_with_kvcache(**args)
 
 
-# ---- dispatch on a GPU without an attention kernel -------------------------------------------------
+# ---- dispatch on a (fake) GPU ---------------------------------------------------------------------
 
 GPU = platform.DeviceInfo("cuda", "fake GPU", "sm_90a", 132, 232448)
 
@@ -485,7 +485,7 @@ GPU = platform.DeviceInfo("cuda", "fake GPU", "sm_90a", 132, 232448)
 def fake_gpu(monkeypatch):
     monkeypatch.setattr(platform, "device_info", lambda device=None: GPU)
     monkeypatch.setattr(platform, "tilelang_version", lambda: "0.1.15")
-    monkeypatch.setattr(attention, "_fallback_warned", set())
+    monkeypatch.setattr(dispatch, "_warned", set())
 
 
 def _small():
@@ -493,9 +493,9 @@ def _small():
     return randn(gen, 1, 2, 2, 64), randn(gen, 1, 3, 2, 64), randn(gen, 1, 3, 2, 64)
 
 
-def test_gpu_without_kernel_raises_unsupported(fake_gpu):
-    with pytest.raises(dispatch.UnsupportedError, match="no TileLang attention kernel is available yet"):
-        flash_attn_varlen_func(*_small(), causal=True)
+def test_gpu_kvcache_decode_is_not_yet_supported(fake_gpu):
+    with pytest.raises(dispatch.UnsupportedError, match=r"seqused=True \(supported: False\)"):
+        flash_attn_with_kvcache(**_kvcache_inputs())
 
 
 def test_gpu_unsupported_variant_names_the_feature(fake_gpu):
@@ -505,14 +505,15 @@ def test_gpu_unsupported_variant_names_the_feature(fake_gpu):
 
 
 def test_gpu_fallback_warns_once_and_runs_the_reference(fake_gpu, monkeypatch):
+    q, k, v = (t.to(FP8) for t in _small())
     monkeypatch.setenv("MATE_ALLOW_REFERENCE_FALLBACK", "1")
     with pytest.warns(UserWarning, match="running the PyTorch reference"):
-        out = flash_attn_varlen_func(*_small())
+        out = flash_attn_varlen_func(q, k, v)
     monkeypatch.delenv("MATE_ALLOW_REFERENCE_FALLBACK")
-    assert torch.equal(out, flash_attn_varlen_func(*_small(), backend="reference"))
+    assert torch.equal(out, flash_attn_varlen_func(q, k, v, backend="reference"))
 
 
-def test_plugged_kernel_receives_the_variant_and_arguments(fake_gpu):
+def test_kernel_receives_the_variant_and_arguments(fake_gpu, monkeypatch):
     calls = []
 
     def launcher(variant, args):
@@ -520,18 +521,15 @@ def test_plugged_kernel_receives_the_variant_and_arguments(fake_gpu):
         args["out"].fill_(1.0)
         args["softmax_lse"].fill_(2.0)
 
-    attention.set_forward_kernel(launcher)
-    try:
-        out, lse = flash_attn_varlen_func(*_small(), causal=True, return_softmax_lse=True)
-    finally:
-        attention.set_forward_kernel(None)
+    monkeypatch.setattr(attention, "_launch_kernel", launcher)
+    out, lse = flash_attn_varlen_func(*_small(), causal=True, return_softmax_lse=True)
     assert calls and calls[0]["causal"] and calls[0]["head_dim"] == 64 and calls[0]["dtype"] == BF16
     assert (out == 1).all() and (lse == 2).all()
 
 
 def test_support_declaration_covers_the_variant_key():
     variant = attention.fwd_variant(dtype=BF16, head_dim=80, head_dim_v=80, causal=True, local=False, softcap=False,
-                                    learnable_sink=False, varlen_q=True, varlen_k=True, paged_kv=True,
+                                    learnable_sink=False, varlen_q=True, varlen_k=True, seqused=False, paged_kv=False,
                                     append_kv=False, rotary=False, qv=False, attention_chunk=False, leftpad_k=False,
                                     kv_batch_idx=False, context_parallel=False)
     assert variant["head_dim"] == 96 and attention.FWD.support.violations(variant) == []

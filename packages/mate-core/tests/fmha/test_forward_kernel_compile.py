@@ -74,7 +74,8 @@ def test_kernel_compiles_for_sm90a(var):
     kernel = jit.get_kernel(OP, var, platform.tilelang_target("sm_90a"), forward_kernel.build)
     seconds = time.perf_counter() - start
     src = kernel.get_kernel_source()
-    cfg = forward_kernel.default_config(var["head_dim"], var["head_dim_v"], var["causal"], var["has_window"])
+    cfg = forward_kernel.default_config(var["head_dim"], var["head_dim_v"], var["causal"], var["has_window"],
+                                        var["has_softcap"])
     dtype = {"bfloat16": "kBFloat16", "float16": "kFloat16"}[var["dtype"]]
 
     # One kernel, warp-specialized: producer warpgroup + block_m / 64 consumer warpgroups.

@@ -9,26 +9,21 @@ softmax_lse) or, when new keys/values are appended to the cache, ``mate::fmha_fw
 the PyTorch reference (:func:`mate.ops.fmha.reference.attention_forward`) on the CPU, a
 TileLang kernel on a GPU.
 
-No TileLang attention kernel exists yet. ``FWD.support`` declares what the first one is
-meant to accept; on a GPU a call raises :class:`mate.UnsupportedError` (or runs the
-reference with one warning under MATE_ALLOW_REFERENCE_FALLBACK=1). To plug a kernel in:
-implement ``launch(variant, args)`` (``args`` holds the custom op's arguments by name;
-the launcher writes ``args["out"]``, ``args["softmax_lse"]`` and, when ``args["k_new"]``
-is given, the cache ``args["k"]``/``args["v"]``), call :func:`set_forward_kernel`, set
-``FWD.build``, ``dispatch.register(FWD)`` and regenerate the README's support tables
-(``tools/gen-readme``).
+The TileLang forward kernel (:mod:`mate.ops.fmha.forward_kernel`) covers prefill: fp16/bf16,
+head dims 64-256 (and 192/128), MHA/GQA/MQA, causal, local windows, softcap, fixed-length and
+varlen (cu_seqlens) batches. ``FWD.support`` says exactly what it accepts; on a GPU any other
+variant raises :class:`mate.UnsupportedError` naming the feature (or runs the reference with one
+warning under MATE_ALLOW_REFERENCE_FALLBACK=1).
 """
 
 from __future__ import annotations
 
 import operator
-import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from mate import checks, dispatch, env, platform
+from mate import checks, dispatch, platform
 from mate.api import call_op, mate_api
 from mate.ops.fmha import reference
 
@@ -76,7 +71,7 @@ def round_up_head_dim_v(head_dim_v: int) -> int:
     return 512
 
 
-# The first TileLang forward kernel's intended coverage. Dispatch, `mate show-config` and the
+# What the TileLang forward kernel accepts. Dispatch, `mate show-config`, the tests and the
 # README read it; widen it as the kernel grows.
 FWD_SUPPORT = dispatch.Support({
     "dtype": (torch.float16, torch.bfloat16),
@@ -85,10 +80,11 @@ FWD_SUPPORT = dispatch.Support({
     "causal": (False, True),
     "local": (False, True),
     "softcap": (False, True),
-    "learnable_sink": (False, True),
+    "learnable_sink": (False,),
     "varlen_q": (False, True),
     "varlen_k": (False, True),
-    "paged_kv": (False, True),
+    "seqused": (False,),
+    "paged_kv": (False,),
     "append_kv": (False,),
     "rotary": (False,),
     "qv": (False,),
@@ -100,7 +96,7 @@ FWD_SUPPORT = dispatch.Support({
 
 
 def fwd_variant(*, dtype: torch.dtype, head_dim: int, head_dim_v: int, causal: bool, local: bool, softcap: bool,
-                learnable_sink: bool, varlen_q: bool, varlen_k: bool, paged_kv: bool, append_kv: bool,
+                learnable_sink: bool, varlen_q: bool, varlen_k: bool, seqused: bool, paged_kv: bool, append_kv: bool,
                 rotary: bool, qv: bool, attention_chunk: bool, leftpad_k: bool, kv_batch_idx: bool,
                 context_parallel: bool) -> dict:
     """The variant key of a forward call (head dims rounded as the kernels are compiled)."""
@@ -109,14 +105,17 @@ def fwd_variant(*, dtype: torch.dtype, head_dim: int, head_dim_v: int, causal: b
         "dtype": dtype, "head_dim": rounded,
         "head_dim_v": rounded if head_dim_v == head_dim else round_up_head_dim_v(head_dim_v),
         "causal": causal, "local": local, "softcap": softcap, "learnable_sink": learnable_sink,
-        "varlen_q": varlen_q, "varlen_k": varlen_k, "paged_kv": paged_kv, "append_kv": append_kv,
+        "varlen_q": varlen_q, "varlen_k": varlen_k, "seqused": seqused, "paged_kv": paged_kv, "append_kv": append_kv,
         "rotary": rotary, "qv": qv, "attention_chunk": attention_chunk, "leftpad_k": leftpad_k,
         "kv_batch_idx": kv_batch_idx, "context_parallel": context_parallel,
     }
 
 
-def _build_fwd(**variant):
-    raise NotImplementedError("fmha.attention_forward: no TileLang kernel has been written yet")
+def _build_fwd(*, dtype: torch.dtype, head_dim: int, head_dim_v: int, causal: bool, local: bool, softcap: bool,
+               **unused_features):
+    from mate.ops.fmha import forward_kernel
+
+    return forward_kernel.build(dtype, head_dim, head_dim_v, causal, has_window=local, has_softcap=softcap)
 
 
 def _fwd_tolerance(dtype: torch.dtype) -> tuple[float, float]:
@@ -143,19 +142,20 @@ def _fwd_check_case(device: torch.device):
     return run, expected
 
 
-# Declared, not registered: registration (show-config, `mate check`, the README tables) waits
-# for a kernel. See the module docstring.
-FWD = dispatch.Op(name="fmha.attention_forward", family="fmha", support=FWD_SUPPORT, build=_build_fwd,
-                  check_case=_fwd_check_case, tolerance=_fwd_tolerance)
+def _aot_variants() -> list[dict]:
+    """Prefill variants `mate aot` prebuilds: bf16/fp16 x the head dims x causal or not (varlen;
+    fixed-length calls build the same kernel)."""
+    dims = [(64, 64), (96, 96), (128, 128), (192, 192), (256, 256), (192, 128)]
+    return [fwd_variant(dtype=dtype, head_dim=d, head_dim_v=dv, causal=causal, local=False, softcap=False,
+                        learnable_sink=False, varlen_q=True, varlen_k=True, seqused=False, paged_kv=False,
+                        append_kv=False, rotary=False, qv=False, attention_chunk=False, leftpad_k=False,
+                        kv_batch_idx=False, context_parallel=False)
+            for dtype in (torch.bfloat16, torch.float16) for d, dv in dims for causal in (False, True)]
 
-_fwd_launcher: Callable[[dict, dict], None] | None = None
-_fallback_warned: set = set()
 
-
-def set_forward_kernel(launcher: Callable[[dict, dict], None] | None) -> None:
-    """Install (or with None remove) the TileLang launcher that runs supported variants."""
-    global _fwd_launcher
-    _fwd_launcher = launcher
+FWD = dispatch.register(dispatch.Op(name="fmha.attention_forward", family="fmha", support=FWD_SUPPORT,
+                                    build=_build_fwd, check_case=_fwd_check_case, aot_variants=_aot_variants,
+                                    tolerance=_fwd_tolerance))
 
 
 def select_backend(variant: dict, device: torch.device, backend: str = "auto") -> str:
@@ -164,21 +164,56 @@ def select_backend(variant: dict, device: torch.device, backend: str = "auto") -
     backend="reference" forces the reference; "tilelang" (or the original MATE's "mutlass" /
     "mubin") demands the kernel; "auto" follows MATE_BACKEND and the support matrix.
     """
-    choice = "tilelang" if backend in KERNEL_BACKENDS else backend
-    if dispatch.select(FWD, variant, device, choice) == "reference":
-        return "reference"
-    if _fwd_launcher is not None:
-        return "tilelang"
-    if choice == "auto" and env.get("MATE_BACKEND") == "auto" and env.get("MATE_ALLOW_REFERENCE_FALLBACK"):
-        key = tuple(sorted(variant.items(), key=lambda item: item[0]))
-        if key not in _fallback_warned:
-            _fallback_warned.add(key)
-            warnings.warn(f"{FWD.name}: running the PyTorch reference because no TileLang attention kernel is "
-                          "available yet", stacklevel=3)
-        return "reference"
-    raise dispatch.UnsupportedError(
-        f"{FWD.name} on {platform.device_info(device).name}: no TileLang attention kernel is available yet. "
-        "Set MATE_ALLOW_REFERENCE_FALLBACK=1 (or MATE_BACKEND=reference) to run the PyTorch reference instead.")
+    return dispatch.select(FWD, variant, device, "tilelang" if backend in KERNEL_BACKENDS else backend)
+
+
+def _kernel_window(causal: bool, window: tuple[int, int], max_seqlen_q: int, max_seqlen_k: int) -> tuple[int, int]:
+    """The (left, right) window the kernel applies, normalized as upstream does (causal is a
+    right window of 0; windows covering every key are unbounded)."""
+    left, right = window
+    left = -1 if left >= max_seqlen_k - 1 else left
+    right = 0 if causal else (-1 if right >= max_seqlen_q - 1 else right)
+    return left, right
+
+
+def _cu_seqlens_of_fixed(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
+
+
+def _launch_kernel(variant: dict, args: dict[str, Any]) -> None:
+    """Run the TileLang prefill kernel: it takes varlen (total, heads, dim) tensors, so a
+    fixed-length batch runs as sequences of equal length (views; copies only for strided inputs)."""
+    from mate import jit
+    from mate.ops.fmha import forward_kernel
+
+    q, k, v, out, lse = args["q"], args["k"], args["v"], args["out"], args["softmax_lse"]
+    device = q.device
+    cu_q, cu_k = args["cu_seqlens_q"], args["cu_seqlens_k"]
+    max_q, max_k = args["max_seqlen_q"], args["max_seqlen_k"]
+    if cu_q is None:
+        batch, max_q = q.shape[0], q.shape[1]
+        cu_q, q = _cu_seqlens_of_fixed(batch, max_q, device), q.reshape(-1, *q.shape[2:])
+    if cu_k is None:
+        max_k = k.shape[1]
+        cu_k = _cu_seqlens_of_fixed(k.shape[0], max_k, device)
+        k, v = k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    heads, total_q = q.shape[1], q.shape[0]
+    flat_out = out.view(total_q, heads, -1) if out.is_contiguous() else torch.empty(
+        total_q, heads, out.shape[-1], dtype=out.dtype, device=device)
+    # The kernel writes LSE as (heads, total_q): the varlen layout; fixed-length is (batch, heads, seqlen).
+    flat_lse = lse if lse.dim() == 2 and lse.is_contiguous() else torch.empty(heads, total_q, dtype=torch.float32,
+                                                                               device=device)
+    window = _kernel_window(variant["causal"] or args["causal"], (args["window_size_left"], args["window_size_right"]),
+                            max_q, max_k)
+    target = platform.device_info(device).tilelang_target
+    kernel = jit.get_kernel(FWD.name, variant, target, FWD.build)
+    forward_kernel.launch(kernel, q, k, v, cu_q, cu_k, max_q, flat_out, flat_lse, args["softmax_scale"],
+                          window, args["softcap"])
+    if flat_out is not out:
+        out.copy_(flat_out.view(out.shape))
+    if flat_lse is not lse:
+        lse.copy_(flat_lse.view(heads, lse.shape[0], -1).transpose(0, 1) if lse.dim() == 3 else flat_lse)
 
 
 # ---- the custom ops ------------------------------------------------------------------------
@@ -206,11 +241,12 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Te
         softcap=softcap > 0, learnable_sink=learnable_sink is not None,
         varlen_q=cu_seqlens_q is not None or seqused_q is not None,
         varlen_k=cu_seqlens_k is not None or seqused_k is not None or leftpad_k is not None,
+        seqused=seqused_q is not None or seqused_k is not None,
         paged_kv=page_table is not None, append_kv=k_new is not None, rotary=rotary_cos is not None,
         qv=qv is not None, attention_chunk=attention_chunk > 0, leftpad_k=leftpad_k is not None,
         kv_batch_idx=kv_batch_idx is not None, context_parallel=cp_world_size > 1)
     if select_backend(variant, q.device, backend) == "tilelang":
-        _fwd_launcher(variant, args)
+        _launch_kernel(variant, args)
         return
     result, lse = reference.attention_forward(
         q, k, v, k_new=k_new, v_new=v_new, qv=qv, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,

@@ -13,10 +13,10 @@ serves every sequence length and batch. Parameters of the prim_func, in order:
     out            dtype    (total_q, heads_q, head_dim_v)    contiguous, written
     lse            float32  (heads_q, total_q)                contiguous, written
     max_seqlen_q   int32    sizes the grid (>= every seqlen_q; larger only wastes empty blocks)
-    softmax_scale  float32  > 0
+    softmax_scale  float32  > 0 (the row max is taken on unscaled scores)
     window_left    int32    -1 = unbounded (read only when has_window)
     window_right   int32    -1 = unbounded (read only when has_window)
-    softcap        float32  > 0 (read only when has_softcap)
+    softcap        float32  > 0 (read only when has_softcap; 0 there divides by zero)
 
 ``launch(kernel, ...)`` passes torch tensors in that order. Semantics (FlashAttention-3):
 sequence b owns query rows cu_seqlens_q[b]:cu_seqlens_q[b+1] and key rows
@@ -46,7 +46,7 @@ Design (per CTA: one block of block_m query rows of one head of one sequence):
     query blocks first.
   * a tile that sees no key runs one fully masked block rather than branching around the
     gemms: ptxas serializes every wgmma of a kernel when one sits on a divergent path.
-  * epilogue: O / l in registers -> shared memory (reusing the Q tile when head_dim_v ==
+  * epilogue: O / row_sum in registers -> shared memory (reusing the Q tile when head_dim_v ==
     head_dim) -> 16-byte global stores guarded by the sequence length; lse likewise.
 """
 
@@ -90,15 +90,16 @@ class Config:
 
 
 def default_config(head_dim: int, head_dim_v: int | None = None, causal: bool = False,
-                   has_window: bool = False) -> Config:
+                   has_window: bool = False, has_softcap: bool = False) -> Config:
     """Tile sizes per head dim (register budget: 240 per consumer thread with two consumer
     warpgroups, 160 with three; shared memory: Q + num_stages * (K + V) [+ O])."""
     dv = head_dim_v or head_dim
     d = max(head_dim, dv)
     if d <= 64:
         # Small head dims are softmax-bound: three consumer warpgroups keep the tensor cores fed,
-        # but at 160 registers a thread the masking code of causal / local variants spills.
-        return Config(block_m=128 if (causal or has_window) else 192, block_n=128)
+        # but at 160 registers a thread the masking code of causal / local variants spills (and
+        # measured slower with smaller block_n).
+        return Config(block_m=128 if (causal or has_window or has_softcap) else 192, block_n=128)
     if d <= 128:
         return Config(block_m=128, block_n=128)
     if d <= 192:
@@ -124,7 +125,7 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
     DV = int(head_dim_v or head_dim)
     if D % 16 or DV % 16 or not (16 <= D <= 256 and 16 <= DV <= 256):
         raise ValueError(f"head dims must be multiples of 16 in [16, 256], got ({D}, {DV})")
-    base = default_config(D, DV, causal, has_window)
+    base = default_config(D, DV, causal, has_window, has_softcap)
     cfg = Config(block_m=block_m or base.block_m, block_n=block_n or base.block_n,
                  num_stages=num_stages or base.num_stages,
                  pingpong=base.pingpong if pingpong is None else bool(pingpong))
@@ -216,7 +217,7 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
             m_prev = T.alloc_fragment((bm,), acc)
             alpha = T.alloc_fragment((bm,), acc)
             rs = T.alloc_fragment((bm,), acc)
-            l = T.alloc_fragment((bm,), acc)
+            row_sum = T.alloc_fragment((bm,), acc)
             q_full = T.alloc_barrier(128)
             k_full = T.alloc_barrier([128] * S)
             v_full = T.alloc_barrier([128] * S)
@@ -235,22 +236,23 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
                 kh = by // (heads_q // heads_k)
                 off = seqlen_k - seqlen_q
                 m_last = T.min(m0 + bm, seqlen_q) - 1
+                # Window sides, unbounded (-1) or huge ones clamped to BIG so that sums stay in int32.
+                wl = T.if_then_else(window_left >= 0, T.min(window_left, BIG), BIG)
+                wr = T.if_then_else(window_right >= 0, T.min(window_right, BIG), BIG)
                 # Keys any row of this tile can see: [lo_key, hi_key).
                 hi_key = seqlen_k
                 if causal:
                     hi_key = T.min(hi_key, m_last + off + 1)
                 if has_window:
-                    hi_key = T.min(hi_key, T.if_then_else(window_right >= 0, m_last + off + window_right + 1, BIG))
+                    hi_key = T.min(hi_key, m_last + off + wr + 1)
                 lo_key = 0
                 if has_window:
-                    lo_key = T.max(0, T.if_then_else(window_left >= 0, m0 + off - window_left, 0))
+                    lo_key = T.max(0, m0 + off - wl)
                 n_max = T.ceildiv(T.max(hi_key, 0), bn)
                 n_min = lo_key // bn
                 nblk = T.max(n_max - n_min, 0)
                 empty = nblk == 0
                 nb = T.max(nblk, 1)  # an empty tile still runs one block, fully masked
-                wl = T.if_then_else(window_left >= 0, window_left, BIG)
-                wr = T.if_then_else(window_right >= 0, window_right, BIG)
 
                 if tx >= cons_threads:
                     # ---- producer warpgroup: TMA loads ----
@@ -275,7 +277,7 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
                     sc_out = softcap * LOG2E
                     wg = tx // 128
                     T.fill(o, 0)
-                    T.fill(l, 0)
+                    T.fill(row_sum, 0)
                     T.fill(m, NEG_INF)
                     if pingpong:
                         # The last warpgroup lets the first one take the tensor cores first.
@@ -296,7 +298,7 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
                     score_mod_and_mask(s, T.max(n_max - 1, 0), empty, m0, m_last, off, seqlen_k, wl, wr,
                                        sc_in, sc_out)
                     online_softmax(s, m, m_prev, alpha, rs, cs)
-                    T.copy(rs, l)
+                    T.copy(rs, row_sum)
                     T.copy(s, p)
 
                     # steady state: S_t = Q K_t^T and O += P_{t-1} V_{t-1} in flight together;
@@ -321,7 +323,7 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
                         T.wait_wgmma(0)
                         T.barrier_arrive(v_empty[pst])
                         for i in T.Parallel(bm):
-                            l[i] = l[i] * alpha[i] + rs[i]
+                            row_sum[i] = row_sum[i] * alpha[i] + rs[i]
                         for i, j in T.Parallel(bm, DV):
                             o[i, j] *= alpha[i]
                         T.copy(s, p)
@@ -343,7 +345,7 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
 
                     # ---- epilogue ----
                     for i, j in T.Parallel(bm, DV):
-                        o[i, j] = T.if_then_else(l[i] > 0, o[i, j] / l[i], 0)
+                        o[i, j] = T.if_then_else(row_sum[i] > 0, o[i, j] / row_sum[i], 0)
                     T.copy(o, o_s)
                     for i, j in T.Parallel(bm, DV):
                         if m0 + i < seqlen_q:
@@ -351,7 +353,7 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
                     for i in T.Parallel(bm):
                         if m0 + i < seqlen_q:
                             lse[by, q0 + m0 + i] = T.if_then_else(
-                                l[i] > 0, (m[i] * cs + T.log2(l[i])) * LN2, NEG_INF)
+                                row_sum[i] > 0, (m[i] * cs + T.log2(row_sum[i])) * LN2, NEG_INF)
 
     return flash_attn_fwd
 
