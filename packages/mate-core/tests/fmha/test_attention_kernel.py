@@ -1,0 +1,83 @@
+"""The TileLang prefill kernel vs the reference on the GPU, over a grid modeled on upstream's
+hopper/test_flash_attn.py, with upstream's tolerance rule."""
+
+import pytest
+import torch
+
+from mate import testing
+from mate.mha_interface import flash_attn_varlen_func
+from mate.ops.fmha import reference
+
+pytestmark = pytest.mark.gpu
+
+HEAD_DIMS = [(64, 64), (96, 96), (128, 128), (192, 192), (256, 256), (192, 128)]
+SEQLENS = [(1, 1), (113, 203), (128, 217), (239, 799), (799, 2048), (2048, 2048), (1024, 799)]
+# Upstream's absolute slack: twice the rounding of values near 0.3 in the dtype.
+ATOL = {torch.bfloat16: 4e-3, torch.float16: 5e-4}
+
+
+def _check(out, lse, q, k, v, **kwargs):
+    """Upstream's rule: the kernel's error is at most twice that of the reference rounded to the
+    low-precision dtype, plus a small absolute slack; LSE close to the float64 reference."""
+    exact, exact_lse = reference.attention_forward(q.double(), k.double(), v.double(), **kwargs)
+    testing.assert_within_low_precision_error(out, exact, exact.to(out.dtype), atol=ATOL[out.dtype])
+    assert torch.equal(lse.isinf(), exact_lse.isinf())
+    assert testing.max_abs_error(lse, exact_lse) <= 2e-3
+
+
+def _randn(generator, *shape, dtype):
+    return torch.randn(*shape, generator=generator, device="cuda").to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dims", HEAD_DIMS)
+@pytest.mark.parametrize("seqlens", SEQLENS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_fixed_length(dtype, head_dims, seqlens, causal):
+    (d, dv), (seqlen_q, seqlen_k) = head_dims, seqlens
+    gen = torch.Generator(device="cuda").manual_seed(testing.seed_for(f"{dtype}{head_dims}{seqlens}{causal}"))
+    batch, heads, heads_k = 2, 6, 2
+    q = _randn(gen, batch, seqlen_q, heads, d, dtype=dtype)
+    k = _randn(gen, batch, seqlen_k, heads_k, d, dtype=dtype)
+    v = _randn(gen, batch, seqlen_k, heads_k, dv, dtype=dtype)
+    out = testing.poison(torch.empty(batch, seqlen_q, heads, dv, dtype=dtype, device="cuda"))
+    out, lse = flash_attn_varlen_func(q, k, v, causal=causal, out=out, return_softmax_lse=True)
+    assert lse.shape == (batch, heads, seqlen_q)
+    _check(out, lse, q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("mha_type", ["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("mask", ["none", "causal", "window", "causal+window"])
+@pytest.mark.parametrize("softcap", [0.0, 15.0])
+def test_varlen_features(dtype, head_dim, mha_type, mask, softcap):
+    gen = torch.Generator(device="cuda").manual_seed(testing.seed_for(f"v{dtype}{head_dim}{mha_type}{mask}{softcap}"))
+    lengths_q = [1, 113, 64, 333, 7]
+    lengths_k = [1, 203, 64, 301, 517]
+    heads = 8
+    heads_k = {"mha": 8, "gqa": 2, "mqa": 1}[mha_type]
+    cu_q = torch.tensor([0] + lengths_q, device="cuda").cumsum(0).int()
+    cu_k = torch.tensor([0] + lengths_k, device="cuda").cumsum(0).int()
+    q = _randn(gen, sum(lengths_q), heads, head_dim, dtype=dtype)
+    k = _randn(gen, sum(lengths_k), heads_k, head_dim, dtype=dtype)
+    v = _randn(gen, sum(lengths_k), heads_k, head_dim, dtype=dtype)
+    causal = "causal" in mask
+    window = (37, 11) if "window" in mask else (-1, -1)
+    out, lse = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), causal=causal,
+                                      window_size=window, softcap=softcap, return_softmax_lse=True)
+    assert lse.shape == (heads, sum(lengths_q))
+    _check(out, lse, q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lengths_q),
+           max_seqlen_k=max(lengths_k), causal=causal, window_size=window, softcap=softcap)
+
+
+def test_one_kernel_serves_every_length():
+    from mate import jit
+
+    before = jit.stats["compiled"] + jit.stats["loaded"]
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    for seqlen in (17, 200, 1000, 64):
+        q, k, v = (_randn(gen, 3, seqlen, 4, 128, dtype=torch.bfloat16) for _ in range(3))
+        out, lse = flash_attn_varlen_func(q, k, v, causal=True, return_softmax_lse=True)
+        _check(out, lse, q, k, v, causal=True)
+    assert jit.stats["compiled"] + jit.stats["loaded"] - before <= 1
