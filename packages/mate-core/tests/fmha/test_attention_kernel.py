@@ -29,8 +29,11 @@ def _randn(generator, *shape, dtype):
     return torch.randn(*shape, generator=generator, device="cuda").to(dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dims", HEAD_DIMS)
+# Every head-dim pair in bf16, and fp16 at d=128 (each static variant is a ~30 s compile).
+DTYPE_HEAD_DIMS = [(torch.bfloat16, dims) for dims in HEAD_DIMS] + [(torch.float16, (128, 128))]
+
+
+@pytest.mark.parametrize("dtype, head_dims", DTYPE_HEAD_DIMS)
 @pytest.mark.parametrize("seqlens", SEQLENS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_fixed_length(dtype, head_dims, seqlens, causal):
@@ -46,8 +49,8 @@ def test_fixed_length(dtype, head_dims, seqlens, causal):
     _check(out, lse, q, k, v, causal=causal)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("mha_type", ["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("mask", ["none", "causal", "window", "causal+window"])
 @pytest.mark.parametrize("softcap", [0.0, 15.0])
