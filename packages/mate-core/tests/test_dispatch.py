@@ -67,3 +67,12 @@ def test_every_op_declares_its_support_and_aot_variants():
         assert op.support.features
         for variant in op.aot_variants():
             assert not op.support.violations(variant), (op.name, variant)
+
+
+def test_feature_combinations_are_checked():
+    support = dispatch.Support({"head_dim": (64, 128, 192), "head_dim_v": (64, 128, 192)},
+                               combinations={("head_dim", "head_dim_v"): ((64, 64), (128, 128), (192, 128))})
+    assert support.violations({"head_dim": 192, "head_dim_v": 128}) == []
+    assert support.violations({"head_dim": 64, "head_dim_v": 128}) == [
+        "(head_dim, head_dim_v)=(64, 128) (supported: (64, 64), (128, 128), (192, 128))"]
+    assert len(support.variants()) == 3

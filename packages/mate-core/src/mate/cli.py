@@ -112,8 +112,7 @@ def cmd_show_config(args: argparse.Namespace) -> int:
           f"cache: {jit.cache_dir()} ({len(jit.built_variants())} variants built)")
     for op in dispatch.ops():
         print(f"\n{op.name} (family {op.family}) — TileLang kernel support:")
-        rows = [[name, dispatch.show_values(values)] for name, values in op.support.features.items()]
-        print(table(rows, ["feature", "supported values"]))
+        print(table([list(row) for row in op.support.rows()], ["feature", "supported values"]))
     return 0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
@@ -26,18 +26,32 @@ class Support:
     """What a kernel accepts: each feature of a variant key and its allowed values."""
 
     features: Mapping[str, tuple]
+    # Features supported only in certain combinations, e.g.
+    # {("head_dim", "head_dim_v"): ((128, 128), (192, 128))}.
+    combinations: Mapping[tuple[str, ...], tuple] = field(default_factory=dict)
 
     def violations(self, variant: Mapping[str, Any]) -> list[str]:
-        return [
+        problems = [
             f"{name}={_show(variant[name])} (supported: {show_values(allowed)})"
             for name, allowed in self.features.items()
             if variant[name] not in allowed
         ]
+        for names, allowed in self.combinations.items():
+            values = tuple(variant[name] for name in names)
+            if values not in allowed:
+                problems.append(f"({', '.join(names)})={values} (supported: {show_values(allowed)})")
+        return problems
 
     def variants(self) -> list[dict[str, Any]]:
-        """Every supported variant (the full product of the features)."""
+        """Every supported variant."""
         names = list(self.features)
-        return [dict(zip(names, values)) for values in itertools.product(*self.features.values())]
+        every = (dict(zip(names, values)) for values in itertools.product(*self.features.values()))
+        return [variant for variant in every if not self.violations(variant)]
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(feature, supported values) for tables: single features, then combinations."""
+        return [(name, show_values(values)) for name, values in self.features.items()] + [
+            (f"({', '.join(names)})", show_values(values)) for names, values in self.combinations.items()]
 
 
 def _show(value: Any) -> str:

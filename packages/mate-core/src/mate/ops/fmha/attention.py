@@ -92,6 +92,8 @@ FWD_SUPPORT = dispatch.Support({
     "leftpad_k": (False,),
     "kv_batch_idx": (False,),
     "context_parallel": (False,),
+}, combinations={
+    ("head_dim", "head_dim_v"): ((64, 64), (96, 96), (128, 128), (192, 192), (256, 256), (192, 128)),
 })
 
 
