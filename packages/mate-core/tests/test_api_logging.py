@@ -112,3 +112,17 @@ def test_a_raising_call_is_logged_and_dumped(monkeypatch, tmp_path, logfile):
 def test_missing_dump_dir_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["replay", "--dir", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().out
+
+
+def test_replay_checks_arguments_written_in_place(monkeypatch, tmp_path, logfile):
+    monkeypatch.setenv("MATE_LOGLEVEL", "10")
+    monkeypatch.setenv("MATE_DUMP_DIR", str(tmp_path))
+    out = torch.empty(2, 4, 2, 8)
+    flash_attn_combine(*_inputs(), out=out)
+    monkeypatch.setenv("MATE_LOGLEVEL", "0")
+    folder = replay.dump_folders(tmp_path)[0]
+    assert replay.replay(folder).status == "bitwise"
+    recorded = torch.load(folder / "outputs.pt")
+    recorded["kwargs_after"]["out"][0, 0, 0, 0] += 1.0  # what the call wrote into `out`
+    torch.save(recorded, folder / "outputs.pt")
+    assert replay.replay(folder).status == "mismatch"

@@ -68,13 +68,13 @@ def _logged_call(fn: Callable, api_name: str, level: int, args: tuple, kwargs: d
         lines.append(f"  raised {type(error).__name__}: {error}")
         _emit(lines)
         if dump_dir is not None:
-            _finish_dump(dump_dir, None, time.perf_counter() - start, error)
+            _finish_dump(dump_dir, None, args, kwargs, time.perf_counter() - start, error)
         raise
     elapsed = time.perf_counter() - start
     if level >= 3:
         lines.append(f"  -> {describe(result, stats=level >= 5)}  ({elapsed * 1e3:.3f} ms host)")
     if dump_dir is not None:
-        _finish_dump(dump_dir, result, elapsed, None)
+        _finish_dump(dump_dir, result, args, kwargs, elapsed, None)
         lines.append(f"  dumped to {dump_dir}")
     _emit(lines)
     return result
@@ -171,13 +171,17 @@ def _start_dump(fn: Callable, api_name: str, args: tuple, kwargs: dict) -> Path:
     return folder
 
 
-def _finish_dump(folder: Path, result: Any, elapsed: float, error: BaseException | None) -> None:
+def _finish_dump(folder: Path, result: Any, args: tuple, kwargs: dict, elapsed: float,
+                 error: BaseException | None) -> None:
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["elapsed_ms"] = elapsed * 1e3
     if error is not None:
         manifest["error"] = {"type": type(error).__name__, "message": str(error)}
     else:
-        torch.save({"result": _to_cpu(result)}, folder / "outputs.pt")
+        # The arguments after the call too: in-place APIs (out=, caches, GEMMs writing `d`)
+        # deliver their results there.
+        torch.save({"result": _to_cpu(result), "args_after": _to_cpu(list(args)), "kwargs_after": _to_cpu(kwargs)},
+                   folder / "outputs.pt")
         manifest["outputs"] = _metadata(result)
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
 

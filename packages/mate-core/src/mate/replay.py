@@ -70,6 +70,9 @@ def _to_device(value: Any, device: torch.device) -> Any:
 
 
 def _flatten(value: Any) -> list:
+    """Leaves of nested lists/tuples/dicts (dicts in key order)."""
+    if isinstance(value, dict):
+        return [leaf for key in sorted(value) for leaf in _flatten(value[key])]
     if isinstance(value, (tuple, list)):
         return [leaf for item in value for leaf in _flatten(item)]
     return [value]
@@ -83,9 +86,10 @@ def replay(folder: Path, device: str | None = None) -> ReplayResult:
         api = manifest.get("api", "?")
         inputs = _load(folder / "inputs.pt")
         recorded_error = manifest.get("error")
-        expected = None if recorded_error else _load(folder / "outputs.pt")["result"]
+        outputs = None if recorded_error else _load(folder / "outputs.pt")
+        expected = None if recorded_error else [outputs["result"], outputs["args_after"], outputs["kwargs_after"]]
         function = _resolve(manifest["function"])
-    except (DumpError, KeyError, ImportError, AttributeError) as err:
+    except (DumpError, KeyError, TypeError, ImportError, AttributeError) as err:
         return ReplayResult(folder, locals().get("api", "?"), "error", f"unreadable dump: {err}")
 
     target = torch.device(device or _recorded_device(manifest))
@@ -99,7 +103,8 @@ def replay(folder: Path, device: str | None = None) -> ReplayResult:
         return ReplayResult(folder, api, "error", f"replay raised {type(err).__name__}: {err}")
     if recorded_error:
         return ReplayResult(folder, api, "mismatch", f"recorded {recorded_error['type']}, replay returned")
-    return _compare(folder, api, function, _flatten(expected), _flatten(result))
+    actual = [result, args, kwargs]
+    return _compare(folder, api, function, _flatten(expected), _flatten(actual))
 
 
 def _recorded_device(manifest: dict) -> str:
