@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 from mate.dispatch import UnsupportedError  # noqa: E402
 
 # Public modules, imported on first use so that `import mate` stays cheap.
-_LAZY_MODULES = ("mha_interface", "dispatch", "platform", "env", "jit", "api", "replay", "checks", "testing")
+_LAZY_MODULES = ("mha_interface", "gemm", "deep_gemm", "dispatch", "platform", "env", "jit", "api", "replay", "checks",
+                 "testing")
 
 
 def __getattr__(name: str):
