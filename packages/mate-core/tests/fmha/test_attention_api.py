@@ -522,9 +522,19 @@ def test_kernel_receives_the_variant_and_arguments(fake_gpu, monkeypatch):
         args["softmax_lse"].fill_(2.0)
 
     monkeypatch.setattr(attention, "_launch_kernel", launcher)
+    monkeypatch.setattr(attention, "_decode_variant", lambda variant, args: None)  # the prefill path
     out, lse = flash_attn_varlen_func(*_small(), causal=True, return_softmax_lse=True)
     assert calls and calls[0]["causal"] and calls[0]["head_dim"] == 64 and calls[0]["dtype"] == BF16
     assert (out == 1).all() and (lse == 2).all()
+
+
+def test_short_queries_on_a_cache_take_the_decode_kernel(fake_gpu, monkeypatch):
+    calls = []
+    monkeypatch.setattr("mate.ops.fmha.decode_kernel.launch", lambda *args, **kwargs: calls.append(args))
+    gen = testing.generator("api-decode")
+    q, k_cache, v_cache = randn(gen, 2, 1, 4, 64), randn(gen, 2, 32, 2, 64), randn(gen, 2, 32, 2, 64)
+    flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=ints([3, 9]))
+    assert len(calls) == 1
 
 
 def test_support_declaration_covers_the_variant_key():

@@ -11,7 +11,9 @@ TileLang kernel on a GPU.
 
 The TileLang forward kernel (:mod:`mate.ops.fmha.forward_kernel`) covers prefill: fp16/bf16,
 head dims 64-256 (and 192/128), MHA/GQA/MQA, causal, local windows, softcap, fixed-length and
-varlen (cu_seqlens) batches. ``FWD.support`` says exactly what it accepts; on a GPU any other
+varlen (cu_seqlens) batches; the split-KV decode kernel (:mod:`mate.ops.fmha.decode_kernel`,
+op ``DECODE``) serves 1-8 queries per sequence on a dense or paged cache without appends.
+``FWD.support`` and ``DECODE.support`` say exactly what they accept; on a GPU any other
 variant raises :class:`mate.UnsupportedError` naming the feature (or runs the reference with one
 warning under MATE_ALLOW_REFERENCE_FALLBACK=1).
 """
@@ -160,6 +162,60 @@ FWD = dispatch.register(dispatch.Op(name="fmha.attention_forward", family="fmha"
                                     tolerance=_fwd_tolerance))
 
 
+# The split-KV decode kernel (mate.ops.fmha.decode_kernel): flash_attn_with_kvcache without
+# appends, dense or paged cache (any page size), 1-8 queries per sequence, GQA packed.
+DECODE_MAX_SEQLEN_Q = 8
+DECODE_FEATURES_OFF = ("local", "softcap", "learnable_sink", "varlen_q", "append_kv", "rotary", "qv",
+                       "attention_chunk", "leftpad_k", "kv_batch_idx", "context_parallel")
+
+
+def _build_decode(*, dtype: torch.dtype, head_dim: int, paged: bool, causal: bool):
+    from mate.ops.fmha import decode_kernel
+
+    return decode_kernel.build(dtype, head_dim, paged, causal)
+
+
+def _decode_check_case(device: torch.device):
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 1, 8, 128, generator=generator).to(torch.bfloat16)
+    k_cache = torch.randn(6, 16, 2, 128, generator=generator).to(torch.bfloat16)
+    v_cache = torch.randn(6, 16, 2, 128, generator=generator).to(torch.bfloat16)
+    page_table = torch.tensor([[4, 1, 0], [2, 5, 3]], dtype=torch.int32)
+    cache_seqlens = torch.tensor([37, 5], dtype=torch.int32)
+
+    def run():
+        return flash_attn_with_kvcache(q.to(device), k_cache.to(device), v_cache.to(device),
+                                       cache_seqlens=cache_seqlens.to(device), page_table=page_table.to(device),
+                                       causal=True, return_softmax_lse=True)
+
+    def expected():
+        return reference.attention_forward(q.double(), k_cache.double(), v_cache.double(), page_table=page_table,
+                                           seqused_k=cache_seqlens, causal=True)
+
+    return run, expected
+
+
+DECODE = dispatch.register(dispatch.Op(
+    name="fmha.decode_splitkv", family="fmha",
+    support=dispatch.Support({"dtype": (torch.float16, torch.bfloat16), "head_dim": (64, 128, 256),
+                              "paged": (False, True), "causal": (False, True)}),
+    build=_build_decode, check_case=_decode_check_case, tolerance=_fwd_tolerance,
+    aot_variants=lambda: [{"dtype": dtype, "head_dim": d, "paged": paged, "causal": causal}
+                          for dtype in (torch.bfloat16, torch.float16) for d in (64, 128, 256)
+                          for paged in (False, True) for causal in (False, True)]))
+
+
+def _decode_variant(variant: dict, args: dict[str, Any]) -> dict | None:
+    """The decode kernel's variant for a call it can serve (else None: the prefill path decides)."""
+    q = args["q"]
+    if (q.dim() != 4 or q.shape[1] > DECODE_MAX_SEQLEN_Q or variant["head_dim"] != variant["head_dim_v"]
+            or q.shape[-1] != variant["head_dim"] or any(variant[name] for name in DECODE_FEATURES_OFF)
+            or args["cu_seqlens_k"] is not None or args["seqused_q"] is not None):
+        return None
+    return {"dtype": variant["dtype"], "head_dim": variant["head_dim"], "paged": variant["paged_kv"],
+            "causal": variant["causal"]}
+
+
 def select_backend(variant: dict, device: torch.device, backend: str = "auto") -> str:
     """"tilelang" or "reference" for a forward call; raises UnsupportedError when neither may run.
 
@@ -247,6 +303,14 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Te
         paged_kv=page_table is not None, append_kv=k_new is not None, rotary=rotary_cos is not None,
         qv=qv is not None, attention_chunk=attention_chunk > 0, leftpad_k=leftpad_k is not None,
         kv_batch_idx=kv_batch_idx is not None, context_parallel=cp_world_size > 1)
+    decode = _decode_variant(variant, args)
+    choice = "tilelang" if backend in KERNEL_BACKENDS else backend
+    if decode is not None and dispatch.select(DECODE, decode, q.device, choice) == "tilelang":
+        from mate.ops.fmha import decode_kernel
+
+        decode_kernel.launch(q, k, v, page_table, seqused_k, softmax_scale, decode["causal"], out, softmax_lse,
+                             num_splits=num_splits)
+        return
     if select_backend(variant, q.device, backend) == "tilelang":
         _launch_kernel(variant, args)
         return

@@ -1,0 +1,172 @@
+"""The split-KV decode kernel (flash_attn_with_kvcache without append): host heuristics (CPU),
+compile checks for sm_90a (`-m compile`: nvcc, no GPU) and the kernel vs the reference on the GPU
+(`-m gpu`), with upstream's tolerance rule (as in test_attention_kernel.py)."""
+
+import time
+
+import pytest
+
+pytest.importorskip("tilelang")
+
+import torch  # noqa: E402
+from mate import jit, platform, testing  # noqa: E402
+from mate.ops.fmha import decode_kernel, reference  # noqa: E402
+
+from mate.ops.fmha.attention import DECODE
+ATOL = {torch.bfloat16: 4e-3, torch.float16: 5e-4}
+
+
+# ---- host side (CPU) ------------------------------------------------------------------------
+
+def test_num_splits_heuristic():
+    # Grid already fills the GPU: no split (the bench shape: 128 x 8 kv heads).
+    assert decode_kernel.num_splits_heuristic(128, 8, 1, 8192, 128, 132) == 1
+    # One sequence, one kv head, long cache: many splits, bounded by the key blocks and the cap.
+    n = decode_kernel.num_splits_heuristic(1, 1, 1, 8192, 128, 132)
+    assert 1 < n <= min(decode_kernel.MAX_SPLITS, 8192 // 64)
+    # Never more splits than key blocks.
+    assert decode_kernel.num_splits_heuristic(1, 1, 1, 100, 128, 132) <= 2
+    assert decode_kernel.num_splits_heuristic(1, 1, 1, 1, 128, 132) == 1
+
+
+def test_build_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="dtype"):
+        decode_kernel.build("float32", 128, True, False)
+    with pytest.raises(ValueError, match="head_dim"):
+        decode_kernel.build("bfloat16", 96, True, False)
+
+
+# ---- compile (sm_90a, no GPU) ----------------------------------------------------------------
+
+COMPILE_VARIANTS = [
+    pytest.param({"dtype": torch.bfloat16, "head_dim": 128, "paged": True, "causal": True}, id="bf16-d128-paged-causal"),
+    pytest.param({"dtype": torch.float16, "head_dim": 64, "paged": False, "causal": False}, id="fp16-d64-dense"),
+]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("var", COMPILE_VARIANTS)
+def test_kernel_compiles_for_sm90a(var):
+    start = time.perf_counter()
+    kernel = jit.get_kernel(DECODE.name, var, platform.tilelang_target("sm_90a"), DECODE.build)
+    seconds = time.perf_counter() - start
+    src = kernel.get_kernel_source()
+    # Sizes are runtime values: one kernel for every batch, head count, split count, page size.
+    for name in ("int batch", "int num_splits", "int heads_q", "int heads_k", "int seqlen_q", "int kv0"):
+        assert name in src
+    if var["paged"]:
+        assert "int max_pages" in src and "int ps" in src  # page size: a runtime value
+    # K / V rows arrive as 16-byte cp.async gathers, in flight while the gemms run.
+    assert "cp_async_gs_conditional<16>" in src and "cp_async_wait<1>" in src
+    # S = Q K^T from shared memory and O += P V with P in registers, on wgmma.
+    assert "wgmma_ss<" in src and "wgmma_rs<" in src
+    assert "-CUDART_INF_F" in src
+    print(f"compile {var}: {seconds:.1f} s")
+
+
+# ---- GPU vs the reference --------------------------------------------------------------------
+
+def _check(out, lse, q, k, v, **kwargs):
+    exact, exact_lse = reference.attention_forward(q.double(), k.double(), v.double(), **kwargs)
+    testing.assert_within_low_precision_error(out, exact, exact.to(out.dtype), atol=ATOL[out.dtype])
+    assert torch.equal(lse.isinf(), exact_lse.isinf())
+    assert testing.max_abs_error(lse, exact_lse) <= 2e-3
+
+
+def _cache(gen, batch, seqlen_cache, heads_k, d, dtype, page_size):
+    """Dense cache (page_size None) or a paged one with shuffled pages; returns k, v, page_table."""
+    if page_size is None:
+        k = torch.randn(batch, seqlen_cache, heads_k, d, generator=gen, device="cuda").to(dtype)
+        v = torch.randn(batch, seqlen_cache, heads_k, d, generator=gen, device="cuda").to(dtype)
+        return k, v, None
+    pages = -(-seqlen_cache // page_size)
+    num_pages = batch * pages + 3
+    k = torch.randn(num_pages, page_size, heads_k, d, generator=gen, device="cuda").to(dtype)
+    v = torch.randn(num_pages, page_size, heads_k, d, generator=gen, device="cuda").to(dtype)
+    perm = torch.randperm(num_pages, generator=gen, device="cuda")[:batch * pages]
+    return k, v, perm.view(batch, pages).to(torch.int32)
+
+
+def _run(q, k, v, page_table, cache_seqlens, causal, num_splits=0):
+    batch, seqlen_q, heads, d = q.shape
+    out = testing.poison(torch.empty_like(q))
+    lse = testing.poison(torch.empty(batch, heads, seqlen_q, dtype=torch.float32, device="cuda"))
+    decode_kernel.launch(q, k, v, page_table, cache_seqlens, d ** -0.5, causal, out, lse, num_splits=num_splits)
+    return out, lse
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [None, 1, 16, 64])
+@pytest.mark.parametrize("seqlen_q", [1, 4])
+@pytest.mark.parametrize("heads", [(32, 8), (8, 8)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("num_splits", [0, 1, 3, 16])
+def test_decode_vs_reference(page_size, seqlen_q, heads, causal, num_splits):
+    dtype, d = torch.bfloat16, 128
+    gen = torch.Generator(device="cuda").manual_seed(
+        testing.seed_for(f"decode{page_size}{seqlen_q}{heads}{causal}{num_splits}"))
+    heads_q, heads_k = heads
+    seqlen_cache = 700
+    cache_seqlens = torch.tensor([1, 700, 129, 64, 5], dtype=torch.int32, device="cuda")
+    if causal:
+        cache_seqlens = cache_seqlens.clamp(min=seqlen_q)
+    batch = cache_seqlens.numel()
+    q = torch.randn(batch, seqlen_q, heads_q, d, generator=gen, device="cuda").to(dtype)
+    k, v, page_table = _cache(gen, batch, seqlen_cache, heads_k, d, dtype, page_size)
+    out, lse = _run(q, k, v, page_table, cache_seqlens, causal, num_splits)
+    _check(out, lse, q, k, v, page_table=page_table, seqused_k=cache_seqlens, causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, d", [(torch.float16, 64), (torch.bfloat16, 256)])
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_decode_other_head_dims(dtype, d, page_size):
+    gen = torch.Generator(device="cuda").manual_seed(testing.seed_for(f"decode-hd{dtype}{d}{page_size}"))
+    cache_seqlens = torch.tensor([300, 1, 77], dtype=torch.int32, device="cuda")
+    q = torch.randn(3, 2, 16, d, generator=gen, device="cuda").to(dtype)
+    k, v, page_table = _cache(gen, 3, 300, 4, d, dtype, page_size)
+    out, lse = _run(q, k, v, page_table, cache_seqlens, True, 4)
+    _check(out, lse, q, k, v, page_table=page_table, seqused_k=cache_seqlens, causal=True)
+
+
+@pytest.mark.gpu
+def test_causal_rows_that_see_no_key():
+    # seqlen_k < seqlen_q: the first rows see nothing (out 0, lse -inf), and many splits are empty.
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(2, 8, 8, 128, generator=gen, device="cuda").to(torch.bfloat16)
+    k, v, page_table = _cache(gen, 2, 64, 2, 128, torch.bfloat16, 16)
+    cache_seqlens = torch.tensor([3, 64], dtype=torch.int32, device="cuda")
+    out, lse = _run(q, k, v, page_table, cache_seqlens, True, 8)
+    _check(out, lse, q, k, v, page_table=page_table, seqused_k=cache_seqlens, causal=True)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_replay():
+    dtype, d = torch.bfloat16, 128
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    q = torch.randn(4, 1, 32, d, generator=gen, device="cuda").to(dtype)
+    k, v, page_table = _cache(gen, 4, 1000, 8, d, dtype, 64)
+    cache_seqlens = torch.tensor([1000, 17, 512, 1], dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    lse = torch.empty(4, 32, 1, dtype=torch.float32, device="cuda")
+
+    def call():
+        decode_kernel.launch(q, k, v, page_table, cache_seqlens, d ** -0.5, True, out, lse)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()  # JIT and warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    # New cache contents, lengths and queries, written in place: the replay must see them.
+    k.copy_(torch.randn(k.shape, generator=gen, device="cuda").to(dtype))
+    v.copy_(torch.randn(v.shape, generator=gen, device="cuda").to(dtype))
+    q.copy_(torch.randn(q.shape, generator=gen, device="cuda").to(dtype))
+    cache_seqlens.copy_(torch.tensor([3, 999, 64, 640], dtype=torch.int32))
+    testing.poison(out)
+    graph.replay()
+    torch.cuda.synchronize()
+    _check(out, lse, q, k, v, page_table=page_table, seqused_k=cache_seqlens, causal=True)
