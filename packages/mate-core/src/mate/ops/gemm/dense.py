@@ -99,6 +99,18 @@ def check_out(out: torch.Tensor, expected, meaning: str, dtypes, device: torch.d
     return out
 
 
+def _batched_out_and_accumulator(out, c, shape, out_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The bmm output (allocated, or the caller's checked) and a check of the float32 accumulator c."""
+    if out is None:
+        out = torch.empty(shape, dtype=out_dtype, device=device)
+    else:
+        check_out(out, shape, "batch, m, n", (out_dtype,), device)
+    if c is not None:
+        checks.tensor("c", c, dtypes=(torch.float32,), ndim=3, device=device)
+        checks.shape("c", c, shape, "batch, m, n")
+    return out
+
+
 def quantize_output(result: torch.Tensor, output_scale: torch.Tensor) -> torch.Tensor:
     """FP8 output: result / output_scale, clamped to e4m3's range (out * output_scale dequantizes)."""
     limit = torch.finfo(FP8_OUT).max
@@ -215,13 +227,7 @@ def bmm_fp8(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: to
     _check_output_scale(output_scale, device)
     accepted = _out_dtypes(output_scale, HALF_DTYPES + (torch.float32,))
     checks.dtype_choice("out_dtype", out_dtype, accepted)
-    if out is None:
-        out = torch.empty((batch, m, n), dtype=out_dtype, device=device)
-    else:
-        check_out(out, (batch, m, n), "batch, m, n", (out_dtype,), device)
-    if c is not None:
-        checks.tensor("c", c, dtypes=(torch.float32,), ndim=3, device=device)
-        checks.shape("c", c, (batch, m, n), "batch, m, n")
+    out = _batched_out_and_accumulator(out, c, (batch, m, n), out_dtype, device)
     variant = {"major_a": major_a_mode, "major_b": major_b_mode, "out_dtype": out_dtype, "recipe": (gm, gn, gk),
                "accumulate": c is not None}
     resolve_backend(backend, gemm_support.FP8_GEMM, variant, device)
@@ -244,13 +250,7 @@ def bmm_fp16(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, out=None,
         raise checks.ArgumentError(f"b: expected shape ({batch}, {k}, n) (batch, k, n), got {tuple(b.shape)}")
     n = b.shape[2]
     checks.dtype_choice("out_dtype", out_dtype, HALF_DTYPES + (torch.float32,))
-    if out is None:
-        out = torch.empty((batch, m, n), dtype=out_dtype, device=device)
-    else:
-        check_out(out, (batch, m, n), "batch, m, n", (out_dtype,), device)
-    if c is not None:
-        checks.tensor("c", c, dtypes=(torch.float32,), ndim=3, device=device)
-        checks.shape("c", c, (batch, m, n), "batch, m, n")
+    out = _batched_out_and_accumulator(out, c, (batch, m, n), out_dtype, device)
     variant = {"major_a": "K", "major_b": "MN", "out_dtype": out_dtype, "accumulate": c is not None}
     resolve_backend(backend, gemm_support.BF16_GEMM, variant, device)
     out.copy_(reference.gemm_nt(a, b.transpose(1, 2), c, out_dtype=torch.float32))
