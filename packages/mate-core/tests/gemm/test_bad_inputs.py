@@ -3,7 +3,7 @@
 import mate
 import pytest
 import torch
-from mate import platform
+from mate import dispatch, platform
 from mate.ops.gemm import api, layouts
 
 from .helpers import contiguous_layout, fp8_a, fp8_b
@@ -120,16 +120,26 @@ def fake_gpu(monkeypatch):
     info = platform.DeviceInfo("cuda", "Fake H100", "sm_90a", 132, 227 * 1024)
     monkeypatch.setattr(platform, "device_info", lambda device=None: info)
     monkeypatch.setattr(api, "_warned", set())
+    monkeypatch.setattr(dispatch, "_warned", set())
     return info
+
+
+def _ab_per_channel(m=32, n=128, k=256):
+    return fp8_a(m, k)[1], fp8_b(n, k, per_channel=True)[1]
 
 
 def test_gpu_without_kernel_raises_unsupported(fake_gpu, monkeypatch):
     monkeypatch.delenv("MATE_ALLOW_REFERENCE_FALLBACK", raising=False)
     monkeypatch.delenv("MATE_BACKEND", raising=False)
-    a, b = _ab()
+    a, b = _ab_per_channel()
     d = torch.empty(32, 128, dtype=torch.bfloat16)
+    with pytest.raises(mate.UnsupportedError, match=r"does not support recipe=\(1, 1, 128\)"):
+        api.fp8_gemm_nt(a, b, d, recipe=(1, 1, 128))
+    with pytest.raises(mate.UnsupportedError, match="out_dtype=float32"):
+        api.fp8_gemm_nt(_ab()[0], _ab()[1], torch.empty(32, 128))
     with pytest.raises(mate.UnsupportedError, match="no TileLang GEMM kernel yet"):
-        api.fp8_gemm_nt(a, b, d)
+        api.bf16_gemm_nt(torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16),
+                         torch.empty(4, 4))
 
 
 def test_gpu_fallback_runs_reference(fake_gpu, monkeypatch):
@@ -139,18 +149,21 @@ def test_gpu_fallback_runs_reference(fake_gpu, monkeypatch):
     with pytest.warns(UserWarning, match="no TileLang GEMM kernel yet"):
         api.bf16_gemm_nt(torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16),
                          torch.empty(4, 4))
-    with pytest.warns(UserWarning, match="gemm.fp8_gemm: no TileLang GEMM kernel yet"):
-        api.fp8_gemm_nt(a, b, d)
+    a, b = _ab_per_channel()
+    with pytest.warns(UserWarning, match="gemm.fp8_gemm: running the PyTorch reference because the kernel does "
+                                         r"not support recipe=\(1, 1, 128\)"):
+        api.fp8_gemm_nt(a, b, d, recipe=(1, 1, 128))
     assert not d.float().isnan().any()
 
 
-def test_planned_support_is_declared_but_not_registered():
-    from mate import dispatch
+def test_kernel_ops_are_registered_and_the_others_declared():
     from mate.ops.gemm import support
 
     registered = {op.name for op in dispatch.ops()}
-    assert not registered & {op.name for op in support.OPS}
+    assert {op.name for op in support.KERNEL_OPS} <= registered
+    assert not registered & {op.name for op in support.OPS if op not in support.KERNEL_OPS}
     assert support.FP8_GEMM.support.features["major_a"] == ("K",)
+    assert support.FP8_GEMM.support.features["recipe"] == ((1, 128, 128),)
     run, expected = support.FP8_GEMM.check_case(torch.device("cpu"))
     from mate.ops.gemm.reference import calc_diff
     assert calc_diff(run(), expected()) < 1e-5

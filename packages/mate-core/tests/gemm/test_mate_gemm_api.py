@@ -8,7 +8,7 @@ import mate
 import mate.gemm
 import pytest
 import torch
-from mate import platform
+from mate import dispatch, platform
 from mate.ops.gemm import api, layouts
 from mate.ops.gemm.reference import calc_diff
 
@@ -357,6 +357,7 @@ def fake_gpu(monkeypatch):
     info = platform.DeviceInfo("cuda", "Fake H100", "sm_90a", 132, 227 * 1024)
     monkeypatch.setattr(platform, "device_info", lambda device=None: info)
     monkeypatch.setattr(api, "_warned", set())
+    monkeypatch.setattr(dispatch, "_warned", set())
     monkeypatch.delenv("MATE_BACKEND", raising=False)
     return info
 
@@ -364,8 +365,8 @@ def fake_gpu(monkeypatch):
 def test_gpu_without_kernel_raises_unsupported(fake_gpu, monkeypatch):
     monkeypatch.delenv("MATE_ALLOW_REFERENCE_FALLBACK", raising=False)
     a, b, info = _masked_inputs()
-    out = torch.empty(2, 64, 128, dtype=torch.bfloat16)
-    with pytest.raises(mate.UnsupportedError, match="no TileLang GEMM kernel yet"):
+    out = torch.empty(2, 64, 128, dtype=torch.float16)
+    with pytest.raises(mate.UnsupportedError, match="does not support out_dtype=float16"):
         mate.gemm.masked_moe_gemm_8bit(a, b, info, out)
     with pytest.raises(mate.UnsupportedError, match="no TileLang GEMM kernel yet"):
         mate.gemm.bmm_fp16(torch.zeros(1, 4, 8, dtype=torch.float16), torch.zeros(1, 8, 4, dtype=torch.float16),
@@ -375,8 +376,9 @@ def test_gpu_without_kernel_raises_unsupported(fake_gpu, monkeypatch):
 def test_gpu_fallback_runs_reference(fake_gpu, monkeypatch):
     monkeypatch.setenv("MATE_ALLOW_REFERENCE_FALLBACK", "1")
     a, b, info = _masked_inputs()
-    out = torch.full((2, 64, 128), float("nan"), dtype=torch.bfloat16)
-    with pytest.warns(UserWarning, match="no TileLang GEMM kernel yet"):
+    out = torch.full((2, 64, 128), float("nan"), dtype=torch.float16)
+    with pytest.warns(UserWarning, match="running the PyTorch reference because the kernel does not support "
+                                         "out_dtype=float16"):
         mate.gemm.masked_moe_gemm_8bit(a, b, info, out)
     assert not out.float().isnan().any()
 
@@ -384,8 +386,11 @@ def test_gpu_fallback_runs_reference(fake_gpu, monkeypatch):
 @pytest.mark.parametrize("backend", ["mubin", "mutlass", "mudnn", "tilelang"])
 def test_kernel_backends_raise_unsupported(backend):
     a, b, info = _masked_inputs()
-    with pytest.raises(mate.UnsupportedError, match=f"backend='{backend}'"):
+    with pytest.raises(mate.UnsupportedError, match="the tilelang backend needs a GPU"):
         mate.gemm.masked_moe_gemm_8bit(a, b, info, None, backend=backend)
+    with pytest.raises(mate.UnsupportedError, match=f"backend='{backend}'"):
+        mate.gemm.bmm_fp16(torch.zeros(1, 4, 8, dtype=torch.float16), torch.zeros(1, 8, 4, dtype=torch.float16),
+                           torch.float16, backend=backend)
 
 
 def test_reference_backend_runs_on_a_gpu(fake_gpu, monkeypatch):

@@ -21,7 +21,7 @@ import torch
 
 from mate import checks, dispatch, env, platform
 from mate.api import call_op, mate_api
-from mate.ops.gemm import layouts, reference
+from mate.ops.gemm import fp8_launch, layouts, reference
 from mate.ops.gemm import support as gemm_support
 
 FP8 = torch.float8_e4m3fn
@@ -33,6 +33,11 @@ _warned: set[str] = set()
 # ---- backend choice ------------------------------------------------------------------------
 
 def _select(op: dispatch.Op, variant: dict, device: torch.device) -> str:
+    """"tilelang" or "reference" for this call, or UnsupportedError. Ops with a kernel
+    (gemm_support.KERNEL_OPS) follow dispatch.select and their support matrix; the others have no
+    kernel yet."""
+    if op in gemm_support.KERNEL_OPS:
+        return dispatch.select(op, variant, device)
     choice = env.get("MATE_BACKEND")
     info = platform.device_info(device)
     if choice == "reference":
@@ -52,6 +57,27 @@ def _select(op: dispatch.Op, variant: dict, device: torch.device) -> str:
         f"{op.name} on {info.name}: no TileLang GEMM kernel yet (the planned kernel accepts {wanted}; "
         f"this call is {', '.join(f'{k}={v}' for k, v in variant.items())}). "
         "Set MATE_ALLOW_REFERENCE_FALLBACK=1 to run the PyTorch reference instead.")
+
+
+def fp8_dense_variant(major_a: str, major_b: str, out_dtype: torch.dtype, recipe, accumulate: bool, n: int,
+                      ab_dtype: torch.dtype = FP8) -> dict:
+    """The dispatch variant of an FP8 GEMM (gemm_support.FP8_GEMM's features)."""
+    return {"ab_dtype": ab_dtype, "major_a": major_a, "major_b": major_b, "out_dtype": out_dtype,
+            "recipe": tuple(recipe), "accumulate": bool(accumulate), "n_multiple_of_8": n % 8 == 0}
+
+
+def fp8_grouped_variant(layout: str, major_a: str, major_b: str, out_dtype: torch.dtype, recipe, psum: bool,
+                        n: int, ab_dtype: torch.dtype = FP8) -> dict:
+    """The dispatch variant of an M-grouped FP8 GEMM (gemm_support.M_GROUPED_FP8_GEMM's features)."""
+    return {"layout": layout, "ab_dtype": ab_dtype, "major_a": major_a, "major_b": major_b, "out_dtype": out_dtype,
+            "recipe": tuple(recipe),
+            "psum": bool(psum), "n_multiple_of_8": n % 8 == 0}
+
+
+def _runs_kernel(op: dispatch.Op, variant: dict, device: torch.device) -> bool:
+    """Inside the torch.library ops: whether the kernel runs (the public function has already
+    raised for unsupported variants, so this only repeats its choice)."""
+    return platform.device_info(device).is_gpu and dispatch.select(op, variant, device) == "tilelang"
 
 
 # ---- argument checks -----------------------------------------------------------------------
@@ -169,8 +195,7 @@ def _fp8_gemm(a, b, d, c, recipe, recipe_a, recipe_b, names: tuple[str, str]) ->
     _check_c(c, d)
     if _early_return(m, n, k, d, c):
         return
-    variant = {"major_a": major_a, "major_b": major_b, "out_dtype": d.dtype, "recipe": recipe,
-               "accumulate": c is not None}
+    variant = fp8_dense_variant(major_a, major_b, d.dtype, recipe, c is not None, n)
     _select(gemm_support.FP8_GEMM, variant, device)
     call_op(torch.ops.mate.gemm_nt, _gemm_nt, a_data, b_data, d, sfa, sfb, c, gran_a[0], gran_b[0])
 
@@ -362,7 +387,7 @@ def _m_grouped_contiguous(a, b, d, grouped_layout, use_psum_layout, expected_m_f
     variant = {"layout": "contiguous", "major_a": major_a, "major_b": major_b, "out_dtype": d.dtype,
                "psum": bool(use_psum_layout)}
     if fp8:
-        variant["recipe"] = recipe_used
+        variant = fp8_grouped_variant("contiguous", major_a, major_b, d.dtype, recipe_used, use_psum_layout, n)
     _select(gemm_support.M_GROUPED_FP8_GEMM if fp8 else gemm_support.M_GROUPED_BF16_GEMM, variant, device)
     call_op(torch.ops.mate.gemm_m_grouped_contiguous, _gemm_m_grouped_contiguous, a_data, b_data, d, grouped_layout,
             sfa, sfb, bool(use_psum_layout), alignment, gran_b[0] if fp8 else 1)
@@ -448,7 +473,7 @@ def _m_grouped_masked(a, b, d, masked_m, expected_m, fp8: bool, recipe=None, rec
     _check_d(d, (num_groups, max_m, n), "num_groups, max_m, N", (torch.bfloat16,), device)
     variant = {"layout": "masked", "major_a": "K", "major_b": "K", "out_dtype": d.dtype, "psum": False}
     if fp8:
-        variant["recipe"] = recipe_used
+        variant = fp8_grouped_variant("masked", "K", "K", d.dtype, recipe_used, False, n)
     _select(gemm_support.M_GROUPED_FP8_GEMM if fp8 else gemm_support.M_GROUPED_BF16_GEMM, variant, device)
     call_op(torch.ops.mate.gemm_m_grouped_masked, _gemm_m_grouped_masked, a_data, b_data, d, masked_m, sfa, sfb,
             gran_b[0] if fp8 else 1)
@@ -596,13 +621,34 @@ def k_grouped_bf16_gemm_tn_contiguous(a, b, d, ks_cpu, grouped_layout, c=None, c
 
 def _gemm_nt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, sfa: torch.Tensor | None, sfb: torch.Tensor | None,
              c: torch.Tensor | None, gran_a_mn: int, gran_b_mn: int) -> None:
+    if a.dtype == FP8 and b.dtype == FP8 and sfa is not None and sfb is not None and gran_a_mn == 1:
+        variant = fp8_dense_variant(_major("a", a), _major("b", b), d.dtype, (1, gran_b_mn, SCALE_BLOCK_K),
+                                    c is not None, b.shape[0], b.dtype)
+        if _runs_kernel(gemm_support.FP8_GEMM, variant, a.device):
+            fp8_launch.fp8_gemm_nt(gemm_support.FP8_GEMM.name, gemm_support.FP8_GEMM.build, a, sfa, b, sfb, d)
+            return
     d.copy_(reference.gemm_nt(a, b, c, sfa=sfa, sfb=sfb, gran_a=(gran_a_mn, SCALE_BLOCK_K),
                               gran_b=(gran_b_mn, SCALE_BLOCK_K), out_dtype=d.dtype))
+
+
+def _grouped_kernel(layout: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, sfa, sfb, gran_b_mn: int,
+                    psum: bool = False) -> bool:
+    if a.dtype not in (FP8, torch.float8_e5m2) or sfa is None or sfb is None:
+        return False
+    variant = fp8_grouped_variant(layout, _major("a", a), _major("b", b), d.dtype, (1, gran_b_mn, SCALE_BLOCK_K),
+                                  psum, b.shape[1], a.dtype if a.dtype == b.dtype else torch.float8_e5m2)
+    return _runs_kernel(gemm_support.M_GROUPED_FP8_GEMM, variant, a.device)
 
 
 def _gemm_m_grouped_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, grouped_layout: torch.Tensor,
                                sfa: torch.Tensor | None, sfb: torch.Tensor | None, use_psum_layout: bool,
                                alignment: int, gran_b_mn: int) -> None:
+    if alignment == 128 and _grouped_kernel("contiguous", a, b, d, sfa, sfb, gran_b_mn, use_psum_layout):
+        # The kernel reads each 128-row block's expert from its first row (upstream's contract:
+        # groups padded to the alignment; not checked here, which would need a host sync).
+        op = gemm_support.M_GROUPED_FP8_GEMM
+        fp8_launch.m_grouped_contiguous(op.name, op.build, a, sfa, b, sfb, d, grouped_layout)
+        return
     if not use_psum_layout:
         _check_contiguous_values(grouped_layout, b.shape[0], alignment)
     d.copy_(reference.m_grouped_gemm_nt_contiguous(a, b, grouped_layout, sfa=sfa, sfb=sfb, gran_a=(1, SCALE_BLOCK_K),
@@ -612,6 +658,11 @@ def _gemm_m_grouped_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor
 
 def _gemm_m_grouped_masked(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, masked_m: torch.Tensor,
                            sfa: torch.Tensor | None, sfb: torch.Tensor | None, gran_b_mn: int) -> None:
+    if _grouped_kernel("masked", a, b, d, sfa, sfb, gran_b_mn):
+        # No host sync (CUDA-graph capturable): the kernel clamps masked_m to [0, max_m].
+        op = gemm_support.M_GROUPED_FP8_GEMM
+        fp8_launch.m_grouped_masked(op.name, op.build, a, sfa, b, sfb, d, masked_m)
+        return
     max_m = a.shape[1]
     counts = masked_m.cpu()
     if bool((counts < 0).any()) or bool((counts > max_m).any()):

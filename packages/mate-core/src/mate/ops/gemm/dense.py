@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from mate import checks, dispatch
-from mate.api import mate_api
+from mate.api import call_op, mate_api
 from mate.ops.gemm import api as _gemm_api
 from mate.ops.gemm import reference
 from mate.ops.gemm import support as gemm_support
@@ -32,7 +32,7 @@ _BACKENDS = {"auto": "auto", "reference": "reference", "tilelang": "tilelang",
 # ---- shared helpers (moe.py uses them too) ----------------------------------------------------
 
 def resolve_backend(backend, op: dispatch.Op, variant: dict, device: torch.device) -> str:
-    """'reference' when the reference may run for this call; raises UnsupportedError otherwise."""
+    """"tilelang" or "reference" for this call; raises UnsupportedError when neither may run."""
     if backend is None:
         backend = "auto"
     if backend not in _BACKENDS:
@@ -40,11 +40,18 @@ def resolve_backend(backend, op: dispatch.Op, variant: dict, device: torch.devic
     mapped = _BACKENDS[backend]
     if mapped == "reference":
         return "reference"
+    if op in gemm_support.KERNEL_OPS:
+        return dispatch.select(op, variant, device, backend=mapped)
     if mapped == "tilelang":
         raise dispatch.UnsupportedError(
-            f"{op.name}: backend={backend!r} asks for a kernel, and there is no TileLang GEMM kernel yet "
+            f"{op.name}: backend={backend!r} asks for a kernel, and there is no TileLang kernel for this GEMM yet "
             f"(inputs on {device}); use backend='auto' or 'reference'")
     return _gemm_api._select(op, variant, device)
+
+
+def _ab_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
+    """The operand dtype of the dispatch variant (mixed e4m3/e5m2 counts as e5m2)."""
+    return a.dtype if a.dtype == b.dtype else torch.float8_e5m2
 
 
 def granularity(value, default: tuple[int, int, int], name: str = "scale_granularity_mnk") -> tuple[int, int, int]:
@@ -173,11 +180,14 @@ def gemm_fp8_nt_groupwise(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tenso
         out = torch.empty((m, n), dtype=dtype, device=device)
     else:
         check_out(out, (m, n), "m, n", accepted, device)
-    variant = {"major_a": "K", "major_b": "K", "out_dtype": out.dtype, "recipe": (gm, gn, gk), "accumulate": False}
-    resolve_backend(backend, gemm_support.FP8_GEMM, variant, device)
+    variant = _gemm_api.fp8_dense_variant("K", "K", out.dtype, (gm, gn, gk), False, n, _ab_dtype(a, b))
+    choice = resolve_backend(backend, gemm_support.FP8_GEMM, variant, device)
     if m == 0 or n == 0:
         return out
     sfa, sfb = (a_scale, b_scale) if mode == "K" else (a_scale.transpose(0, 1), b_scale.transpose(0, 1))
+    if choice == "tilelang":
+        call_op(torch.ops.mate.gemm_nt, _gemm_api._gemm_nt, a, b, out, sfa, sfb, None, 1, gn)
+        return out
     result = reference.gemm_nt(a, b, sfa=sfa, sfb=sfb, gran_a=(span(m, gm), span(k, gk)),
                                gran_b=(span(n, gn), span(k, gk)), out_dtype=torch.float32)
     out.copy_(result if output_scale is None else quantize_output(result, output_scale))
@@ -228,9 +238,15 @@ def bmm_fp8(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: to
     accepted = _out_dtypes(output_scale, HALF_DTYPES + (torch.float32,))
     checks.dtype_choice("out_dtype", out_dtype, accepted)
     out = _batched_out_and_accumulator(out, c, (batch, m, n), out_dtype, device)
-    variant = {"major_a": major_a_mode, "major_b": major_b_mode, "out_dtype": out_dtype, "recipe": (gm, gn, gk),
-               "accumulate": c is not None}
-    resolve_backend(backend, gemm_support.FP8_GEMM, variant, device)
+    variant = _gemm_api.fp8_dense_variant(major_a_mode, major_b_mode, out_dtype, (gm, gn, gk), c is not None, n,
+                                          _ab_dtype(a, b))
+    choice = resolve_backend(backend, gemm_support.FP8_GEMM, variant, device)
+    if choice == "tilelang" and batch and m and n:
+        # The batches are the groups of the masked M-grouped kernel, each with all m rows.
+        masked_m = torch.full((batch,), m, dtype=torch.int32, device=device)
+        call_op(torch.ops.mate.gemm_m_grouped_masked, _gemm_api._gemm_m_grouped_masked, a_mk, b_nk, out, masked_m,
+                sfa, sfb, gn)
+        return out
     result = reference.gemm_nt(a_mk, b_nk, c, sfa=sfa, sfb=sfb, gran_a=(span(m, gm), span(k, gk)),
                                gran_b=(span(n, gn), span(k, gk)), out_dtype=torch.float32)
     out.copy_(result if output_scale is None else quantize_output(result, output_scale))

@@ -20,11 +20,13 @@ from __future__ import annotations
 import torch
 
 from mate import checks
-from mate.api import mate_api
+from mate.api import call_op, mate_api
+from mate.ops.gemm import api as _gemm_api
 from mate.ops.gemm import reference
 from mate.ops.gemm import support as gemm_support
 from mate.ops.gemm.dense import (
     HALF_DTYPES,
+    _ab_dtype,
     blocks,
     check_out,
     fp8_pair,
@@ -62,6 +64,16 @@ def _rows_of_counts(counts: list[int], alignment: int) -> torch.Tensor:
         ends.append(start + count)
         start = -(-(start + count) // alignment) * alignment
     return torch.tensor(ends, dtype=torch.int64)
+
+
+def _rows_of_ends(ends: torch.Tensor, total: int, alignment: int) -> torch.Tensor:
+    """Per-row expert indices (-1: no expert) of a psum layout given by its end rows (on the host)."""
+    rows = torch.full((total,), -1, dtype=torch.int32)
+    start = 0
+    for expert, end in enumerate(ends.tolist()):
+        rows[start:end] = expert
+        start = -(-end // alignment) * alignment
+    return rows
 
 
 @mate_api(name="gemm.ragged_m_moe_gemm_8bit")
@@ -112,9 +124,14 @@ def ragged_m_moe_gemm_8bit(input_a, input_b, ragged_tokens_info: torch.Tensor, o
         raise checks.ArgumentError(f"gemm_mode: {gemm_mode!r} is not accepted; expected 'per_token', "
                                    "'psum_expert' or 'per_expert'")
     check_out(out, (total, n), "total_tokens, out_hidden_size", HALF_DTYPES, device)
-    variant = {"layout": "contiguous", "major_a": major_a_mode, "major_b": major_b_mode, "out_dtype": out.dtype,
-               "recipe": (gm, gn, gk), "psum": psum}
-    resolve_backend(backend, gemm_support.M_GROUPED_FP8_GEMM, variant, device)
+    # psum layouts reach the kernel as per-row expert indices (built from the ends already on the host).
+    variant = _gemm_api.fp8_grouped_variant("contiguous", major_a_mode, major_b_mode, out.dtype, (gm, gn, gk), False,
+                                            n, _ab_dtype(a_data, b_data))
+    if resolve_backend(backend, gemm_support.M_GROUPED_FP8_GEMM, variant, device) == "tilelang":
+        rows = layout.to(torch.int32) if not psum else _rows_of_ends(layout, total, alignment).to(device)
+        call_op(torch.ops.mate.gemm_m_grouped_contiguous, _gemm_api._gemm_m_grouped_contiguous, a_data, b_data, out,
+                rows, a_sf, b_sf, False, 128, gn)
+        return out
     out.copy_(reference.m_grouped_gemm_nt_contiguous(
         a_data, b_data, layout, sfa=a_sf, sfb=b_sf, gran_a=(gm, gk), gran_b=(gn, gk), use_psum_layout=psum,
         alignment=alignment, out_dtype=torch.float32))
@@ -205,9 +222,18 @@ def masked_moe_gemm_8bit(input_a, input_b, masked_tokens_info: torch.Tensor, out
             checks.tensor("signal", signal, dtypes=(torch.int32,), ndim=1, device=device)
             checks.shape("signal", signal, (num_expert * num_blocks,),
                          f"num_expert * ceil(max_tokens/{SIGNAL_BLOCK_M})")
-    variant = {"layout": "masked", "major_a": "K", "major_b": "K", "out_dtype": out.dtype, "recipe": (gm, gn, gk),
-               "psum": False}
-    resolve_backend(backend, gemm_support.M_GROUPED_FP8_GEMM, variant, device)
+    variant = _gemm_api.fp8_grouped_variant("masked", "K", "K", out.dtype, (gm, gn, gk), False, n,
+                                            _ab_dtype(a_data, b_data))
+    if resolve_backend(backend, gemm_support.M_GROUPED_FP8_GEMM, variant, device) == "tilelang":
+        call_op(torch.ops.mate.gemm_m_grouped_masked, _gemm_api._gemm_m_grouped_masked, a_data, b_data, out,
+                info.to(torch.int32), a_sf, b_sf, gn)
+        if not enable_overlap:
+            return out
+        threshold = blocks(n, SIGNAL_BLOCK_N)
+        done_blocks = (info.to(torch.int64) + SIGNAL_BLOCK_M - 1) // SIGNAL_BLOCK_M
+        finished = torch.arange(num_blocks, device=device).unsqueeze(0) < done_blocks.unsqueeze(1)
+        signal.copy_((finished.to(torch.int32) * threshold).flatten())
+        return out, signal, SIGNAL_BLOCK_M, threshold
     results = reference.m_grouped_gemm_nt_masked(a_data, b_data, info, sfa=a_sf, sfb=b_sf, gran_a=(gm, gk),
                                                  gran_b=(gn, gk), out_dtype=torch.float32)
     for expert, result in enumerate(results):

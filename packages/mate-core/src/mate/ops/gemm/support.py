@@ -1,8 +1,15 @@
-"""What the future TileLang GEMM kernels will accept (the SM90 DeepGEMM feature set).
+"""What the TileLang GEMM kernels accept: the data behind dispatch, tests, show-config and docs.
 
-These Ops are declared but NOT registered with dispatch: registration waits for the kernels.
-Until then every GEMM call on a GPU raises UnsupportedError ("no TileLang GEMM kernel yet"),
-or runs the reference under MATE_ALLOW_REFERENCE_FALLBACK=1; on the CPU the reference runs.
+Registered with dispatch (a kernel exists): the FP8 block-scaled GEMM (`gemm.fp8_gemm`: the NT
+layout, recipe (1, 128, 128), bf16 out, no accumulator) and its M-grouped forms (contiguous and
+masked), all one TileLang kernel (:mod:`mate.ops.gemm.fp8_kernel`). Declared but not registered
+(no kernel yet): the K-grouped and the BF16 GEMMs; on a GPU they raise UnsupportedError ("no
+TileLang GEMM kernel yet"), or run the reference under MATE_ALLOW_REFERENCE_FALLBACK=1. On the
+CPU every GEMM runs the reference.
+
+The kernels take N and K as compile-time constants (one compile per weight shape and layout,
+every M served by it) and need N % 8 == 0 (16-byte rows of D for TMA) and K % 128 == 0 (the API
+requires that of every FP8 GEMM).
 """
 
 from __future__ import annotations
@@ -17,6 +24,24 @@ OUT_DTYPES = (torch.bfloat16, torch.float32)
 
 def _no_kernel(**variant):
     raise NotImplementedError("no TileLang GEMM kernel yet")
+
+
+def _build_fp8(n: int, k: int, layout: str, **features):
+    """The kernel of a variant from fp8_launch.kernel_variant (the feature values are fixed)."""
+    from mate.ops.gemm import fp8_kernel
+
+    return fp8_kernel.build(n, k, layout)
+
+
+def _fp8_aot(shapes, layouts):
+    from mate.ops.gemm.fp8_launch import kernel_variant
+
+    return [kernel_variant(n, k, layout) for n, k in shapes for layout in layouts]
+
+
+# DeepSeek-V3's dense projections (N, K) and MoE expert shapes that `mate aot` prebuilds.
+DENSE_AOT_SHAPES = ((2112, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048))
+GROUPED_AOT_SHAPES = ((4096, 7168), (7168, 2048))
 
 
 def _gemm_check_case(device: torch.device):
@@ -45,16 +70,20 @@ def _tolerance(dtype: torch.dtype) -> tuple[float, float]:
     return {torch.bfloat16: (2e-2, 2e-2), torch.float32: (1e-3, 1e-3)}.get(dtype, (1e-5, 1e-5))
 
 
-def _op(name: str, features: dict) -> dispatch.Op:
-    return dispatch.Op(name=name, family="gemm", support=dispatch.Support(features), build=_no_kernel,
-                       check_case=_gemm_check_case, tolerance=_tolerance)
+def _op(name: str, features: dict, build=_no_kernel, aot_variants=list) -> dispatch.Op:
+    return dispatch.Op(name=name, family="gemm", support=dispatch.Support(features), build=build,
+                       check_case=_gemm_check_case, tolerance=_tolerance, aot_variants=aot_variants)
 
 
-FP8_GEMM = _op("gemm.fp8_gemm", {
-    "major_a": ("K",), "major_b": ("K",), "out_dtype": OUT_DTYPES, "recipe": SM90_RECIPES, "accumulate": (False, True)})
-M_GROUPED_FP8_GEMM = _op("gemm.m_grouped_fp8_gemm", {
-    "layout": ("contiguous", "masked"), "major_a": ("K",), "major_b": ("K",), "out_dtype": (torch.bfloat16,),
-    "recipe": ((1, 128, 128),), "psum": (False,)})
+FP8_GEMM = dispatch.register(_op("gemm.fp8_gemm", {
+    "ab_dtype": (torch.float8_e4m3fn,), "major_a": ("K",), "major_b": ("K",), "out_dtype": (torch.bfloat16,),
+    "recipe": ((1, 128, 128),), "accumulate": (False,), "n_multiple_of_8": (True,)}, _build_fp8,
+    lambda: _fp8_aot(DENSE_AOT_SHAPES, ("dense",))))
+M_GROUPED_FP8_GEMM = dispatch.register(_op("gemm.m_grouped_fp8_gemm", {
+    "layout": ("contiguous", "masked"), "ab_dtype": (torch.float8_e4m3fn,), "major_a": ("K",), "major_b": ("K",),
+    "out_dtype": (torch.bfloat16,), "recipe": ((1, 128, 128),), "psum": (False,), "n_multiple_of_8": (True,)},
+    _build_fp8,
+    lambda: _fp8_aot(GROUPED_AOT_SHAPES, ("contiguous", "masked"))))
 K_GROUPED_FP8_GEMM = _op("gemm.k_grouped_fp8_gemm", {
     "major_a": ("K",), "major_b": ("K",), "out_dtype": (torch.float32,), "recipe": ((1, 1, 128),), "psum": (False,)})
 BF16_GEMM = _op("gemm.bf16_gemm", {
@@ -65,4 +94,5 @@ M_GROUPED_BF16_GEMM = _op("gemm.m_grouped_bf16_gemm", {
 K_GROUPED_BF16_GEMM = _op("gemm.k_grouped_bf16_gemm", {
     "major_a": ("MN",), "major_b": ("MN",), "out_dtype": (torch.float32,), "psum": (False,)})
 
+KERNEL_OPS = (FP8_GEMM, M_GROUPED_FP8_GEMM)
 OPS = (FP8_GEMM, M_GROUPED_FP8_GEMM, K_GROUPED_FP8_GEMM, BF16_GEMM, M_GROUPED_BF16_GEMM, K_GROUPED_BF16_GEMM)

@@ -1,0 +1,138 @@
+"""TileLang FP8 e4m3 block-scaled GEMM for Hopper (sm_90a), DeepGEMM's SM90 recipe.
+
+    D[m, n] = sum over 128-wide K blocks kb of
+              (sum_{k in kb} A[m, k] * B[n, k]) * SFA[m, kb] * SFB[n // 128, kb]
+
+A and B are float8_e4m3fn, K-major; SFA float32 per token and 128 channels; SFB float32 per
+128 x 128 block of B; D bfloat16. The scales are applied in fp32 "promotion" as DeepGEMM does:
+each K block's product goes into a fresh fp32 wgmma accumulator (`partial`), which is then
+added into the running fp32 accumulator times the row's A scale and the block's B scale.
+
+One prim_func serves three layouts (the static `layout` argument), with every operand 3-D
+(group, rows, cols) so that the core is shared:
+
+* ``dense``       A (1, M, K), B (1, N, K), D (1, M, N); M is dynamic.
+* ``contiguous``  A (1, M, K) with the rows of all experts stacked, B (G, N, K); `aux` (M,)
+                  int32 holds each row's expert (-1: padding). Every 128-row block belongs to
+                  one expert (the API checks the alignment), whose B the block multiplies; rows
+                  of index -1 are written as zeros (a block of padding only multiplies expert 0's
+                  weights and is zeroed).
+* ``masked``      A (G, M_max, K), B (G, N, K), D (G, M_max, N); `aux` (G,) int32 holds masked_m.
+                  The grid is sized from the static shapes (CUDA-graph capturable); blocks past
+                  masked_m[g] exit at once, and only rows < masked_m[g] are stored.
+
+Parameters of the prim_func, in order (shapes; the dynamic sizes are read from the tensors):
+
+    a     float8_e4m3fn (GA, M, K)        contiguous
+    b     float8_e4m3fn (GB, N, K)        contiguous
+    d     bfloat16      (GA, M, N)        contiguous
+    sfa   float32       (GA, K/128, M)    strides (sfa_sg, sfa_sk, 1): the MN-major scale layout
+                                          (layouts.get_mn_major_tma_aligned_tensor) transposed;
+                                          sfa_sk * 4 must be a multiple of 16 (TMA)
+    sfb   float32       (GB, ceil(N/128), K/128) contiguous
+    aux   int32         (L,)              m_indices (L = M), masked_m (L = G) or unused (dense)
+
+N and K are compile-time constants (the weights' shape); M, GA, GB and the scale strides are
+dynamic, so one compiled kernel serves every token count. Tiles: block_m 128 (two consumer
+warpgroups of 64 rows), block_n 128 by default, block_k 128 (one scale block), a `num_stages`
+TMA ring fed by a producer warpgroup (TileLang's warp specialization), and a swizzled
+rasterization of the (N blocks, M blocks) grid for L2 reuse.
+"""
+
+
+import tilelang.language as T
+
+# (No `from __future__ import annotations`: the prim_func annotations must be evaluated eagerly.)
+
+BLOCK_K = 128  # = the scale block along K
+LAYOUTS = ("dense", "contiguous", "masked")
+
+
+def default_config(n: int, k: int, layout: str) -> dict:
+    """Tile configuration for a weight of shape (n, k)."""
+    del k, layout
+    return {"block_m": 128, "block_n": 128, "num_stages": 4, "threads": 256, "panel": 8}
+
+
+def fp8_gemm_kernel(n: int, k: int, layout: str = "dense", *, block_m: int = 128, block_n: int = 128,
+                    num_stages: int = 4, threads: int = 256, panel: int = 8):
+    """Build the prim_func (not compiled) for weights of shape (n, k)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if k <= 0 or k % BLOCK_K:
+        raise ValueError(f"k must be a positive multiple of {BLOCK_K}, got {k}")
+    if n <= 0 or n % 8:
+        raise ValueError(f"n must be a positive multiple of 8 (16-byte rows of D), got {n}")
+    if block_n != 128:
+        raise ValueError(f"block_n must be 128 (one B scale per block), got {block_n}")
+    if block_m != 128 or threads != 256:
+        raise ValueError("block_m 128 with 256 consumer threads (two warpgroups of 64 rows) is the supported tile")
+    kb_count = k // BLOCK_K
+    nb_count = -(-n // 128)
+    n_blocks = -(-n // block_n)
+
+    M, GA, GB, L = T.dynamic("M, GA, GB, L")
+    sfa_sg, sfa_sk = T.dynamic("sfa_sg, sfa_sk")
+    fp8, acc_t, out_t = "float8_e4m3fn", "float32", "bfloat16"
+
+    @T.prim_func
+    def fp8_gemm(
+        a: T.Tensor((GA, M, k), fp8),
+        b: T.Tensor((GB, n, k), fp8),
+        d: T.Tensor((GA, M, n), out_t),
+        sfa: T.StridedTensor((GA, kb_count, M), (sfa_sg, sfa_sk, 1), acc_t),
+        sfb: T.Tensor((GB, nb_count, kb_count), acc_t),
+        aux: T.Tensor((L,), "int32"),
+    ):
+        with T.Kernel(n_blocks, T.ceildiv(M, block_m), GA, threads=threads) as (bx, by, bz):
+            a_s = T.alloc_shared((block_m, BLOCK_K), fp8)
+            b_s = T.alloc_shared((block_n, BLOCK_K), fp8)
+            sa_s = T.alloc_shared((block_m,), acc_t)
+            sb_s = T.alloc_shared((kb_count,), acc_t)
+            d_s = T.alloc_shared((block_m, block_n), out_t)
+            partial = T.alloc_fragment((block_m, block_n), acc_t)
+            acc = T.alloc_fragment((block_m, block_n), acc_t)
+
+            T.use_swizzle(panel_size=panel)
+            m0 = by * block_m
+            n0 = bx * block_n
+            if layout == "contiguous":
+                group = T.max(aux[m0], 0)
+            elif layout == "masked":
+                group = bz
+            else:
+                group = 0
+            # Rows of this block to compute and store (masked: up to masked_m of the group).
+            rows = T.min(aux[bz], M) - m0 if layout == "masked" else M - m0
+
+            if rows > 0:
+                for kk in T.Parallel(kb_count):
+                    sb_s[kk] = sfb[group, bx * block_n // 128, kk]
+                T.clear(acc)
+                for kb in T.Pipelined(kb_count, num_stages=num_stages):
+                    T.copy(a[bz, m0:m0 + block_m, kb * BLOCK_K:(kb + 1) * BLOCK_K], a_s)
+                    T.copy(b[group, n0:n0 + block_n, kb * BLOCK_K:(kb + 1) * BLOCK_K], b_s)
+                    T.copy(sfa[bz, kb, m0:m0 + block_m], sa_s)
+                    T.gemm(a_s, b_s, partial, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                    for i, j in T.Parallel(block_m, block_n):
+                        acc[i, j] += partial[i, j] * (sa_s[i] * sb_s[kb])
+
+                if layout == "contiguous":
+                    for i, j in T.Parallel(block_m, block_n):
+                        acc[i, j] = T.if_then_else(aux[T.min(m0 + i, M - 1)] >= 0, acc[i, j], T.float32(0))
+                T.copy(acc, d_s)
+                if layout == "masked":
+                    for i, j in T.Parallel(block_m, block_n):
+                        if i < rows and n0 + j < n:
+                            d[bz, m0 + i, n0 + j] = d_s[i, j]
+                else:
+                    T.copy(d_s, d[bz, m0:m0 + block_m, n0:n0 + block_n])
+
+    return fp8_gemm
+
+
+def build(n: int, k: int, layout: str = "dense", **tuning):
+    """The prim_func for a variant dict (as mate.ops.gemm.support calls it)."""
+    config = default_config(n, k, layout)
+    config.update(tuning)
+    return fp8_gemm_kernel(n, k, layout, **config)

@@ -1,0 +1,115 @@
+"""Host side of the TileLang FP8 GEMM (:mod:`mate.ops.gemm.fp8_kernel`): operand views, the
+kernel variant, the launch. No host sync: everything here reads metadata only, so the calls can
+be captured in CUDA graphs.
+
+The callers (the torch.library ops in :mod:`mate.ops.gemm.api`) have checked shapes, dtypes and
+the recipe; here the operands are brought to the layouts the kernel reads (TMA: 16-byte aligned
+base addresses and strides):
+
+* A, B contiguous K-major (a copy only when they are not);
+* A's scales MN-major with the M stride padded to 16 bytes (DeepGEMM's required layout,
+  :func:`mate.ops.gemm.layouts.get_mn_major_tma_aligned_tensor`: a no-op when the caller already
+  passes that layout, one small transposing copy otherwise);
+* B's scales row-major.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mate import jit, platform
+from mate.ops.gemm import layouts
+
+_dummy_aux: dict[torch.device, torch.Tensor] = {}
+
+
+def kernel_variant(n: int, k: int, layout: str) -> dict:
+    """The compile-time key: the weight shape (n, k) and the layout (M is dynamic), with the values
+    of the support matrix's features the kernel has (so it is also a supported dispatch variant)."""
+    variant = {"ab_dtype": torch.float8_e4m3fn, "major_a": "K", "major_b": "K", "out_dtype": torch.bfloat16,
+               "recipe": (1, 128, 128), "n_multiple_of_8": True, "n": int(n), "k": int(k), "layout": layout}
+    variant.update({"accumulate": False} if layout == "dense" else {"psum": False})
+    return variant
+
+
+def _kernel(op_name: str, build, n: int, k: int, layout: str, device: torch.device):
+    target = platform.device_info(device).tilelang_target
+    return jit.get_kernel(op_name, kernel_variant(n, k, layout), target, build)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    t = t if t.is_contiguous() else t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _sfa_view(sfa: torch.Tensor) -> torch.Tensor:
+    """(..., M, KB) float32 -> the kernel's (G, KB, M) view of the MN-major TMA-aligned layout."""
+    sf = layouts.get_mn_major_tma_aligned_tensor(sfa)
+    view = (sf if sf.dim() == 3 else sf.unsqueeze(0)).transpose(1, 2)
+    groups, kb, mn = view.shape
+    if view.stride(2) != 1 or view.stride(1) % 4 or view.data_ptr() % 16 or (groups > 1 and view.stride(0) % 4):
+        # Degenerate shapes (M == 1 or one K block) keep other strides; TMA needs these.
+        aligned = layouts.get_tma_aligned_size(mn, 4)
+        fresh = torch.empty_strided((groups, kb, mn), (aligned * kb, aligned, 1), dtype=sf.dtype, device=sf.device)
+        fresh.copy_(view)
+        view = fresh
+    return view
+
+
+def _aux_placeholder(device: torch.device) -> torch.Tensor:
+    aux = _dummy_aux.get(device)
+    if aux is None:
+        aux = _dummy_aux[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return aux
+
+
+def _fits_int32(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.numel() >= 2**31:
+            raise NotImplementedError(f"the FP8 GEMM kernel indexes with 32-bit integers; a tensor of shape "
+                                      f"{tuple(t.shape)} has {t.numel()} elements (at most 2**31 - 1 supported)")
+
+
+def fp8_gemm_nt(op_name: str, build, a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor,
+                d: torch.Tensor) -> None:
+    """d (M, N) bf16 = A (M, K) . B (N, K)^T with (1, 128) / (128, 128) float32 scales."""
+    m, k = a.shape
+    n = b.shape[0]
+    _fits_int32(a, b, d)
+    kernel = _kernel(op_name, build, n, k, "dense", a.device)
+    out = d if d.is_contiguous() and d.data_ptr() % 16 == 0 else torch.empty(d.shape, dtype=d.dtype, device=d.device)
+    kernel(_aligned(a).unsqueeze(0), _aligned(b).unsqueeze(0), out.unsqueeze(0), _sfa_view(sfa),
+           _aligned(sfb).unsqueeze(0), _aux_placeholder(a.device))
+    if out is not d:
+        d.copy_(out)
+
+
+def m_grouped_contiguous(op_name: str, build, a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor,
+                         sfb: torch.Tensor, d: torch.Tensor, m_indices: torch.Tensor) -> None:
+    """d (M, N) = each 128-row block of A times B[its expert]^T; rows of expert -1 are zero.
+    b (G, N, K), sfb (G, N/128, K/128), m_indices (M,) int32."""
+    m, k = a.shape
+    n = b.shape[1]
+    _fits_int32(a, b, d)
+    kernel = _kernel(op_name, build, n, k, "contiguous", a.device)
+    out = d if d.is_contiguous() and d.data_ptr() % 16 == 0 else torch.empty(d.shape, dtype=d.dtype, device=d.device)
+    kernel(_aligned(a).unsqueeze(0), _aligned(b), out.unsqueeze(0), _sfa_view(sfa), _aligned(sfb),
+           _aligned(m_indices))
+    if out is not d:
+        d.copy_(out)
+
+
+def m_grouped_masked(op_name: str, build, a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor,
+                     d: torch.Tensor, masked_m: torch.Tensor) -> None:
+    """d[g, :masked_m[g]] = A[g, :masked_m[g]] . B[g]^T; other rows of d are not written.
+    a (G, M_max, K), sfa (G, M_max, K/128), b (G, N, K), sfb (G, N/128, K/128)."""
+    k = a.shape[2]
+    n = b.shape[1]
+    _fits_int32(a, b, d)
+    kernel = _kernel(op_name, build, n, k, "masked", a.device)
+    if not (d.is_contiguous() and d.data_ptr() % 16 == 0):
+        out = d.contiguous()
+        kernel(_aligned(a), _aligned(b), out, _sfa_view(sfa), _aligned(sfb), _aligned(masked_m))
+        d.copy_(out)
+        return
+    kernel(_aligned(a), _aligned(b), d, _sfa_view(sfa), _aligned(sfb), _aligned(masked_m))

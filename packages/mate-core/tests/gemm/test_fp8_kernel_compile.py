@@ -1,0 +1,51 @@
+"""The FP8 GEMM kernel: configuration checks (TileLang only) and sm_90a compile checks (`-m compile`:
+nvcc, no GPU) of the generated CUDA: TMA loads into a multi-stage ring fed by a producer
+warpgroup, wgmma with FP8 operands, the swizzled rasterization and one dynamic M."""
+
+import re
+
+import pytest
+from mate import jit, platform
+
+pytest.importorskip("tilelang")
+
+from mate.ops.gemm import fp8_kernel, fp8_launch, support  # noqa: E402
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"k": 200}, "k must be a positive multiple of 128"),
+    ({"n": 100}, "n must be a positive multiple of 8"),
+    ({"layout": "ragged"}, "layout must be one of"),
+    ({"block_n": 96}, "block_n"),
+])
+def test_build_rejects_bad_configs(kwargs, match):
+    args = {"n": 256, "k": 512, "layout": "dense"}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        fp8_kernel.fp8_gemm_kernel(args.pop("n"), args.pop("k"), **args)
+
+
+def test_kernel_variants_are_supported_dispatch_variants():
+    for layout, op in (("dense", support.FP8_GEMM), ("contiguous", support.M_GROUPED_FP8_GEMM),
+                       ("masked", support.M_GROUPED_FP8_GEMM)):
+        assert not op.support.violations(fp8_launch.kernel_variant(2112, 7168, layout))
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("layout,n,k", [("dense", 2112, 7168), ("contiguous", 4096, 7168), ("masked", 7168, 2048)])
+def test_kernel_compiles_for_sm90a(layout, n, k):
+    op = support.FP8_GEMM if layout == "dense" else support.M_GROUPED_FP8_GEMM
+    kernel = jit.get_kernel(op.name, fp8_launch.kernel_variant(n, k, layout), platform.tilelang_target("sm_90a"),
+                            op.build)
+    src = kernel.get_kernel_source()
+    assert "tl::tma_load(a_desc" in src and "tl::tma_load(b_desc" in src and "tl::tma_load(sfa_desc" in src
+    assert re.search(r"wgmma_ss<tl::DataType::kFloat8_e4m3, tl::DataType::kFloat8_e4m3, tl::DataType::kFloat32, "
+                     r"64, 128, 32", src)
+    assert "warpgroup_reg_dealloc" in src and "warpgroup_reg_alloc" in src  # producer / consumer split
+    assert "rasterization2DRow" in src
+    assert f"kb < {k // 128}" in src  # the K loop has a compile-time trip count
+    assert "int M" in src  # M is a runtime argument
+    if layout == "masked":
+        assert "tl::tma_store" not in src  # rows past masked_m are not written
+    else:
+        assert "tl::tma_store(d_desc" in src
