@@ -11,8 +11,8 @@ pytest.importorskip("tilelang")
 import torch  # noqa: E402
 from mate import jit, platform, testing  # noqa: E402
 from mate.ops.fmha import decode_kernel, reference  # noqa: E402
+from mate.ops.fmha.attention import DECODE  # noqa: E402
 
-from mate.ops.fmha.attention import DECODE
 ATOL = {torch.bfloat16: 4e-3, torch.float16: 5e-4}
 
 
@@ -39,8 +39,11 @@ def test_build_rejects_bad_arguments():
 # ---- compile (sm_90a, no GPU) ----------------------------------------------------------------
 
 COMPILE_VARIANTS = [
-    pytest.param({"dtype": torch.bfloat16, "head_dim": 128, "paged": True, "causal": True}, id="bf16-d128-paged-causal"),
+    pytest.param({"dtype": torch.bfloat16, "head_dim": 128, "paged": True, "causal": True},
+                 id="bf16-d128-paged-causal"),
     pytest.param({"dtype": torch.float16, "head_dim": 64, "paged": False, "causal": False}, id="fp16-d64-dense"),
+    pytest.param({"dtype": torch.bfloat16, "head_dim": 128, "paged": True, "causal": True, "leftpad": True,
+                  "batch_idx": True, "sink": True}, id="bf16-d128-paged-leftpad-batchidx-sink"),
 ]
 
 
@@ -55,9 +58,9 @@ def test_kernel_compiles_for_sm90a(var):
     for name in ("int batch", "int num_splits", "int heads_q", "int heads_k", "int seqlen_q", "int kv0"):
         assert name in src
     if var["paged"]:
-        assert "int max_pages" in src and "int ps" in src  # page size: a runtime value
-    # K / V rows arrive as 16-byte cp.async gathers, in flight while the gemms run.
-    assert "cp_async_gs_conditional<16>" in src and "cp_async_wait<1>" in src
+        assert "int max_pages" in src and "int page_size" in src  # page size: a runtime value
+    # K / V rows arrive as 16-byte cp.async gathers through a 3-slot ring: two blocks in flight.
+    assert "cp_async_gs_conditional<16>" in src and "cp_async_wait<2>" in src
     # S = Q K^T from shared memory and O += P V with P in registers, on wgmma.
     assert "wgmma_ss<" in src and "wgmma_rs<" in src
     assert "-CUDART_INF_F" in src
@@ -87,11 +90,12 @@ def _cache(gen, batch, seqlen_cache, heads_k, d, dtype, page_size):
     return k, v, perm.view(batch, pages).to(torch.int32)
 
 
-def _run(q, k, v, page_table, cache_seqlens, causal, num_splits=0):
+def _run(q, k, v, page_table, cache_seqlens, causal, num_splits=0, **features):
     batch, seqlen_q, heads, d = q.shape
     out = testing.poison(torch.empty_like(q))
     lse = testing.poison(torch.empty(batch, heads, seqlen_q, dtype=torch.float32, device="cuda"))
-    decode_kernel.launch(q, k, v, page_table, cache_seqlens, d ** -0.5, causal, out, lse, num_splits=num_splits)
+    decode_kernel.launch(q, k, v, page_table, cache_seqlens, d ** -0.5, causal, out, lse, num_splits=num_splits,
+                         **features)
     return out, lse
 
 
@@ -127,6 +131,35 @@ def test_decode_other_head_dims(dtype, d, page_size):
     k, v, page_table = _cache(gen, 3, 300, 4, d, dtype, page_size)
     out, lse = _run(q, k, v, page_table, cache_seqlens, True, 4)
     _check(out, lse, q, k, v, page_table=page_table, seqused_k=cache_seqlens, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [None, 1, 16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("num_splits", [1, 5])
+@pytest.mark.parametrize("features", ["leftpad", "batch_idx", "sink", "all"])
+def test_decode_leftpad_batch_idx_sink(page_size, causal, num_splits, features):
+    dtype, d, seqlen_q, heads_q, heads_k = torch.bfloat16, 128, 2, 16, 4
+    gen = torch.Generator(device="cuda").manual_seed(
+        testing.seed_for(f"decode-features{page_size}{causal}{num_splits}{features}"))
+    cache_rows = 6
+    k, v, page_table = _cache(gen, cache_rows, 400, heads_k, d, dtype, page_size)
+    cache_seqlens = torch.tensor([400, 37, 130, 2], dtype=torch.int32, device="cuda")
+    batch = cache_seqlens.numel()
+    use = {features} if features != "all" else {"leftpad", "batch_idx", "sink"}
+    kwargs = {}
+    if "leftpad" in use:
+        # Keys [leftpad, cache_seqlens): one sequence keeps none of its keys but the last two.
+        kwargs["cache_leftpad"] = torch.tensor([13, 0, 100, 0], dtype=torch.int32, device="cuda")
+    if "batch_idx" in use:
+        kwargs["cache_batch_idx"] = torch.tensor([5, 0, 3, 2], dtype=torch.int32, device="cuda")
+    if "sink" in use:
+        kwargs["learnable_sink"] = torch.randn(heads_q, generator=gen, device="cuda") * 2
+    q = torch.randn(batch, seqlen_q, heads_q, d, generator=gen, device="cuda").to(dtype)
+    out, lse = _run(q, k, v, page_table, cache_seqlens, causal, num_splits, **kwargs)
+    _check(out, lse, q, k, v, page_table=page_table, seqused_k=cache_seqlens, causal=causal,
+           kv_batch_idx=kwargs.get("cache_batch_idx"), leftpad_k=kwargs.get("cache_leftpad"),
+           learnable_sink=kwargs.get("learnable_sink"))
 
 
 @pytest.mark.gpu

@@ -165,14 +165,15 @@ FWD = dispatch.register(dispatch.Op(name="fmha.attention_forward", family="fmha"
 # The split-KV decode kernel (mate.ops.fmha.decode_kernel): flash_attn_with_kvcache without
 # appends, dense or paged cache (any page size), 1-8 queries per sequence, GQA packed.
 DECODE_MAX_SEQLEN_Q = 8
-DECODE_FEATURES_OFF = ("local", "softcap", "learnable_sink", "varlen_q", "append_kv", "rotary", "qv",
-                       "attention_chunk", "leftpad_k", "kv_batch_idx", "context_parallel")
+DECODE_FEATURES_OFF = ("local", "softcap", "varlen_q", "append_kv", "rotary", "qv", "attention_chunk",
+                       "context_parallel")
 
 
-def _build_decode(*, dtype: torch.dtype, head_dim: int, paged: bool, causal: bool):
+def _build_decode(*, dtype: torch.dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False,
+                  batch_idx: bool = False, sink: bool = False):
     from mate.ops.fmha import decode_kernel
 
-    return decode_kernel.build(dtype, head_dim, paged, causal)
+    return decode_kernel.build(dtype, head_dim, paged, causal, leftpad=leftpad, batch_idx=batch_idx, sink=sink)
 
 
 def _decode_check_case(device: torch.device):
@@ -198,9 +199,11 @@ def _decode_check_case(device: torch.device):
 DECODE = dispatch.register(dispatch.Op(
     name="fmha.decode_splitkv", family="fmha",
     support=dispatch.Support({"dtype": (torch.float16, torch.bfloat16), "head_dim": (64, 128, 256),
-                              "paged": (False, True), "causal": (False, True)}),
+                              "paged": (False, True), "causal": (False, True), "leftpad": (False, True),
+                              "batch_idx": (False, True), "sink": (False, True)}),
     build=_build_decode, check_case=_decode_check_case, tolerance=_fwd_tolerance,
-    aot_variants=lambda: [{"dtype": dtype, "head_dim": d, "paged": paged, "causal": causal}
+    aot_variants=lambda: [{"dtype": dtype, "head_dim": d, "paged": paged, "causal": causal, "leftpad": False,
+                           "batch_idx": False, "sink": False}
                           for dtype in (torch.bfloat16, torch.float16) for d in (64, 128, 256)
                           for paged in (False, True) for causal in (False, True)]))
 
@@ -213,7 +216,8 @@ def _decode_variant(variant: dict, args: dict[str, Any]) -> dict | None:
             or args["cu_seqlens_k"] is not None or args["seqused_q"] is not None):
         return None
     return {"dtype": variant["dtype"], "head_dim": variant["head_dim"], "paged": variant["paged_kv"],
-            "causal": variant["causal"]}
+            "causal": variant["causal"], "leftpad": variant["leftpad_k"], "batch_idx": variant["kv_batch_idx"],
+            "sink": variant["learnable_sink"]}
 
 
 def select_backend(variant: dict, device: torch.device, backend: str = "auto") -> str:
@@ -309,7 +313,8 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Te
         from mate.ops.fmha import decode_kernel
 
         decode_kernel.launch(q, k, v, page_table, seqused_k, softmax_scale, decode["causal"], out, softmax_lse,
-                             num_splits=num_splits)
+                             num_splits=num_splits, cache_batch_idx=kv_batch_idx, cache_leftpad=leftpad_k,
+                             learnable_sink=learnable_sink)
         return
     if select_backend(variant, q.device, backend) == "tilelang":
         _launch_kernel(variant, args)

@@ -303,7 +303,7 @@ def check_layout(out_partial, lse_partial, out, lse, max_splits: int = 256) -> b
     for t in (out_partial, out):
         if t.stride(-1) != 1:
             return False
-        if any(n > 1 and st % _VEC for n, st in zip(t.shape[:-1], t.stride()[:-1])):
+        if any(n > 1 and st % _VEC for n, st in zip(t.shape[:-1], t.stride()[:-1], strict=True)):
             return False
     rows = out.shape[0] * out.shape[1] * out.shape[2]
     return rows < 2**31 and all(0 <= st < 2**31 for t in (out_partial, lse_partial, out, lse) for st in t.stride())

@@ -1,25 +1,33 @@
 """TileLang split-KV decode kernel for ``flash_attn_with_kvcache`` (no append), for Hopper.
 
-``build(dtype, head_dim, paged, causal)`` returns an uncompiled ``T.prim_func``. Only those
-static parameters and the tile configuration are baked in; batch, seqlen_q, head counts, the
-cache's sizes (page count, page size, seqlen_cache), num_splits and the cache_seqlens values are
-runtime values, so one compiled kernel serves every size and every page size (1 included).
-Parameters of the prim_func, in order:
+``build(dtype, head_dim, paged, causal, leftpad, batch_idx, sink)`` returns an uncompiled
+``T.prim_func``. Only those static parameters and the tile configuration are baked in; batch,
+seqlen_q, head counts, the cache's sizes (page count, page size, seqlen_cache), num_splits and the
+cache_seqlens values are runtime values, so one compiled kernel serves every size and every page
+size (1 included). Parameters of the prim_func, in order:
 
     q              dtype    (batch, seqlen_q, heads_q, d)                     contiguous
     k              dtype    paged: (num_pages, page_size, heads_k, d)         contiguous
                             dense: (batch_cache, seqlen_cache, heads_k, d)    contiguous
     v              dtype    same shape as k                                   contiguous
-    page_table     int32    (batch, max_pages)   (paged only)                 contiguous
-    cache_seqlens  int32    (batch,)  keys of each sequence (seqused_k)
+    page_table     int32    (batch_cache, max_pages)   (paged only)           contiguous
+    cache_seqlens  int32    (batch,)  end of each sequence's keys (seqused_k)
+    cache_batch_idx int32   (batch,)  cache (or page-table) row of each sequence   (batch_idx)
+    cache_leftpad  int32    (batch,)  first key row of each sequence               (leftpad)
+    sink           float32  (heads_q,) learnable sink logits                       (sink)
     out_partial    float32  (num_splits, batch, seqlen_q, heads_q, d)         contiguous, written
     lse_partial    float32  (num_splits, batch, heads_q, seqlen_q)            contiguous, written
     softmax_scale  float32
 
-Semantics (FlashAttention-3): sequence b has seqlen_k = cache_seqlens[b] keys: rows 0..seqlen_k-1
-of its dense cache, or key j at k[page_table[b, j // page_size], j % page_size]. Query head h
-reads kv head h // (heads_q // heads_k). Causal is bottom-right aligned: query i sees key j when
-j <= seqlen_k - seqlen_q + i. Scores are softmax_scale * q.k.
+When a static flag is off its tensor is not read (the host passes any int32 / float32 1-D
+tensor, e.g. cache_seqlens itself), so no dummy is allocated per call.
+
+Semantics (FlashAttention-3): sequence b reads cache row c = cache_batch_idx[b] (default b) and
+has seqlen_k = cache_seqlens[b] - cache_leftpad[b] keys: key j is cache row leftpad + j, i.e.
+dense k[c, leftpad + j] or paged k[page_table[c, (leftpad + j) // page_size], (leftpad + j) %
+page_size]. Query head h reads kv head h // (heads_q // heads_k). Causal is bottom-right aligned:
+query i sees key j when j <= seqlen_k - seqlen_q + i. Scores are softmax_scale * q.k. A learnable
+sink adds exp(sink[h]) to the softmax denominator only.
 
 Work split: grid (num_splits, batch, heads_k * row_blocks). GQA is packed: the seqlen_q * group
 query rows of one kv head (row r = query i * group + head offset g, group = heads_q // heads_k)
@@ -28,20 +36,24 @@ are more). The key blocks of block_n keys of a sequence, n_blocks = ceil(seqlen_
 dealt in contiguous runs of ceil(n_blocks / num_splits) blocks: split s takes blocks
 [s * per, min((s + 1) * per, n_blocks)). Each split writes its normalized partial output and
 its lse (natural log) for its rows; a split with no block, or a row that sees no key of the
-split, writes out 0 and lse -inf, so ``combine_kernel`` gives it weight 0. The caller's combine
-then merges the splits (``launch`` does both).
+split, writes out 0 and lse -inf, so ``combine_kernel`` gives it weight 0. The sink joins split 0
+as one more score (value 0): split 0 starts its online softmax from max = sink, sum = 1, so the
+combine's merge counts it exactly once. The caller's combine then merges the splits (``launch``
+does both).
 
-Kernel design: 128 threads (one warpgroup). Q is loaded once into shared memory; K and V blocks
-are gathered row by row (each row a run of d contiguous elements, copied as 16-byte vectors,
-page-table lookup per row) into shared memory by a T.Pipelined loop, which lowers the
-global->shared copies to 16-byte cp.async (K and V in separate groups, see ``default_config``):
-the next block's gathers are in flight while the current one is computed, which matters most for
-page size 1, where every row is a gather. S = Q K^T (wgmma, shared operands) and O += P V
-(wgmma, P in registers) run on the tensor cores (T.gemm); online softmax with exp2, a row whose
-max is still -inf using 0 as its max. Rows of a tail block past seqlen_k load a clamped (valid)
-row and are masked to -inf, so no out-of-range address is formed and no garbage reaches P V. A
-split with no key block still runs one fully masked block (its loads clamped to row 0 of the
-sequence's first page), so every path issues the same gemms.
+Kernel design: 128 threads (one warpgroup). Q is loaded once into shared memory. K and V blocks
+stream through a ring of ``stages`` shared-memory slots, written by hand-issued 16-byte cp.async
+(TileLang's T.Pipelined cannot pipeline deeper than one block when the trip count is a runtime
+value: see ``default_config``): iteration t issues block t + stages - 1 and waits only for block
+t, so stages - 1 blocks are in flight while block t is computed. Each thread copies fixed rows
+of a block, so it looks their pages up itself, one iteration ahead: the page-table loads for
+block t + stages are issued before block t's math and used by the next iteration, which hides
+their latency (the old single-stage kernel waited on them before every gather). Rows past
+seqlen_k load a clamped (valid) row and are masked to -inf; blocks past the split's end are
+predicated off (cp.async zero-fills, no global read). S = Q K^T (wgmma, shared operands) and O +=
+P V (wgmma, P in registers) run on the tensor cores (T.gemm); online softmax with exp2, a row
+whose max is still -inf using 0 as its max. A split with no key block still runs one fully
+masked block, so every path issues the same gemms.
 """
 
 import math
@@ -55,31 +67,25 @@ DTYPES = ("float16", "bfloat16")
 HEAD_DIMS = (64, 128, 256)
 BLOCK_M = 64
 THREADS = 128
+CHUNK = 8  # elements per 16-byte cp.async
 MAX_SPLITS = 128  # combine_kernel's scale table holds 256
 
 
 def default_config(head_dim: int) -> tuple[int, int]:
-    """(block_n, num_stages). num_stages must stay 1 with TileLang 0.1.15: a T.Pipelined loop of
-    runtime trip count with num_stages >= 2 gets an epilogue loop whose cp.async wait count
-    depends on the loop variable (``ptx_wait_group(3 - t * 2)``), which the CUDA codegen rejects
-    ("Downcast from tirx.Sub to ir.IntImm"). With 1 stage, K and V are separate cp.async groups:
-    K of block t + 1 loads during P V of block t and V of block t + 1 during S of block t + 1, so
-    a K or V block is always in flight; shared memory (Q + K + V) is 48 KB at d 128, so several
-    CTAs share an SM and their loads overlap."""
+    """(block_n, stages). T.Pipelined(num_stages >= 2) over a runtime trip count fails in
+    TileLang 0.1.15 (its epilogue waits on ``ptx_wait_group(3 - t * 2)``, which the CUDA codegen
+    rejects), hence the hand-written cp.async ring. Shared memory stays <= 112 KB (Q + the ring of
+    K and V slots) so that two CTAs share an SM."""
     if head_dim <= 64:
-        return 128, 1
+        return 128, 3
     if head_dim <= 128:
-        return 64, 1
-    return 32, 1
+        return 64, 3
+    return 32, 2
 
 
-def build(dtype, head_dim: int, paged: bool, causal: bool, block_n: int | None = None,
-          num_stages: int | None = None, min_blocks: int | None = None):
-    """Build the decode prim_func (not compiled). See the module docstring.
-
-    Tuning: block_n (keys per block), num_stages (keep 1, see ``default_config``), min_blocks
-    (register cap via __launch_bounds__; unset, d 128 uses 255 registers, i.e. 2 CTAs per SM;
-    3 caps it at 168 registers and spills ~300 bytes, so it is off by default)."""
+def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False, batch_idx: bool = False,
+          sink: bool = False, block_n: int | None = None, stages: int | None = None):
+    """Build the decode prim_func (not compiled). See the module docstring."""
     dtype = str(dtype).replace("torch.", "")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -88,24 +94,59 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, block_n: int | None =
         raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {D}")
     bn0, st0 = default_config(D)
     bn = int(block_n or bn0)
-    stages = int(num_stages or st0)
+    ring = int(stages or st0)
+    chunks_per_row = D // CHUNK
+    rows_per_pass = THREADS // chunks_per_row
+    passes = bn // rows_per_pass
+    if ring < 2 or bn % rows_per_pass:
+        raise ValueError(f"need stages >= 2 and block_n a multiple of {rows_per_pass}, got {ring}, {bn}")
 
     bm = BLOCK_M
     acc = "float32"
     NEG_INF = -T.infinity(acc)
 
     batch, seqlen_q, heads_q, heads_k, num_splits = T.dynamic("batch, seqlen_q, heads_q, heads_k, num_splits")
-    kv0, kv1, max_pages = T.dynamic("kv0, kv1, max_pages")
+    kv0, kv1, cache_rows, max_pages = T.dynamic("kv0, kv1, cache_rows, max_pages")
+    n_idx, n_pad, n_sink = T.dynamic("n_idx, n_pad, n_sink")
 
     @T.macro
-    def body(q, k, v, page_table, cache_seqlens, out_partial, lse_partial, softmax_scale):
+    def look_up_pages(pages, slots, page_table, cache_row, first_key, last_key, blk, my_row, page_size):
+        # Page and slot of this thread's rows of key block blk, for the next issue. The one division
+        # is in int32 here: as index expressions, // and % by the runtime page size became int64
+        # divisions in every copy's address, which made the paged kernel instruction-bound.
+        for i in T.unroll(passes):
+            key = T.min(first_key + blk * bn + i * rows_per_pass + my_row, last_key)
+            slots[i] = T.truncdiv(key, page_size)  # keys are >= 0: C division, no floor fix-up
+            pages[i] = page_table[cache_row, slots[i]]
+            slots[i] = key - slots[i] * page_size
+
+    @T.macro
+    def issue(k, v, k_s, v_s, pages, slots, cache_row, kh, first_key, last_key, blk, blk_end, slot, my_row,
+              my_col):
+        # This thread's 16-byte chunks of key block blk into ring slot `slot`, one commit group.
+        for i in T.unroll(passes):
+            row = i * rows_per_pass + my_row
+            if paged:
+                T.ptx_cp_async(T.access_ptr(k_s[slot, row, my_col], "w", CHUNK),
+                               T.access_ptr(k[pages[i], slots[i], kh, my_col], "r", CHUNK), CHUNK, blk < blk_end)
+                T.ptx_cp_async(T.access_ptr(v_s[slot, row, my_col], "w", CHUNK),
+                               T.access_ptr(v[pages[i], slots[i], kh, my_col], "r", CHUNK), CHUNK, blk < blk_end)
+            else:
+                key = T.min(first_key + blk * bn + row, last_key)
+                T.ptx_cp_async(T.access_ptr(k_s[slot, row, my_col], "w", CHUNK),
+                               T.access_ptr(k[cache_row, key, kh, my_col], "r", CHUNK), CHUNK, blk < blk_end)
+                T.ptx_cp_async(T.access_ptr(v_s[slot, row, my_col], "w", CHUNK),
+                               T.access_ptr(v[cache_row, key, kh, my_col], "r", CHUNK), CHUNK, blk < blk_end)
+        T.ptx_commit_group()
+
+    @T.macro
+    def body(q, k, v, page_table, cache_seqlens, cache_batch_idx, cache_leftpad, sinks, out_partial, lse_partial,
+             softmax_scale):
         with T.Kernel(num_splits, batch, heads_k * T.ceildiv(seqlen_q * (heads_q // heads_k), bm),
                       threads=THREADS) as (bs, bb, bz):
-            if min_blocks:
-                T.annotate_min_blocks_per_sm(min_blocks)
             q_s = T.alloc_shared((bm, D), dtype)
-            k_s = T.alloc_shared((bn, D), dtype)
-            v_s = T.alloc_shared((bn, D), dtype)
+            k_s = T.alloc_shared((ring, bn, D), dtype)
+            v_s = T.alloc_shared((ring, bn, D), dtype)
             s = T.alloc_fragment((bm, bn), acc)
             p = T.alloc_fragment((bm, bn), dtype)
             o = T.alloc_fragment((bm, D), acc)
@@ -114,24 +155,31 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, block_n: int | None =
             alpha = T.alloc_fragment((bm,), acc)
             rs = T.alloc_fragment((bm,), acc)
             row_sum = T.alloc_fragment((bm,), acc)
+            pages = T.alloc_local((passes,), "int32")  # this thread's rows in the next block to issue:
+            slots = T.alloc_local((passes,), "int32")  # their pages and rows within the page
 
             # Per-CTA scalars in int32 registers (keeps the index expressions small).
+            tx = T.get_thread_binding()
             group = T.alloc_var("int32", init=heads_q // heads_k)
             rows = T.alloc_var("int32", init=seqlen_q * group)
             row_blocks = T.alloc_var("int32", init=T.ceildiv(rows, bm))
             kh = T.alloc_var("int32", init=bz // row_blocks)
             r0 = T.alloc_var("int32", init=(bz % row_blocks) * bm)
-            seqlen_k = T.alloc_var("int32", init=cache_seqlens[bb])
+            cache_row = T.alloc_var("int32", init=cache_batch_idx[bb] if batch_idx else bb)
+            first_key = T.alloc_var("int32", init=cache_leftpad[bb] if leftpad else 0)
+            seqlen_k = T.alloc_var("int32", init=cache_seqlens[bb] - first_key)
             off = T.alloc_var("int32", init=seqlen_k - seqlen_q)
             n_blocks = T.alloc_var("int32", init=T.ceildiv(T.max(seqlen_k, 0), bn))
             per = T.alloc_var("int32", init=T.ceildiv(n_blocks, num_splits))
             blk_lo = T.alloc_var("int32", init=T.min(bs * per, n_blocks))
-            count = T.alloc_var("int32", init=T.min(blk_lo + per, n_blocks) - blk_lo)
-            empty = count <= 0
-            nb = T.alloc_var("int32", init=T.max(count, 1))
-            # Last valid key row (0 when the sequence is empty: the loads then read row 0 of the
-            # first page / dense row 0, which exist; every score is masked anyway).
-            last_key = T.alloc_var("int32", init=T.max(seqlen_k - 1, 0))
+            blk_end = T.alloc_var("int32", init=T.min(blk_lo + per, n_blocks))
+            empty = blk_end <= blk_lo
+            nb = T.alloc_var("int32", init=T.max(blk_end - blk_lo, 1))
+            # Last valid key row (the first row when the sequence is empty: it exists, and every
+            # score is masked anyway).
+            last_key = T.alloc_var("int32", init=first_key + T.max(seqlen_k - 1, 0))
+            my_row = tx // chunks_per_row
+            my_col = (tx % chunks_per_row) * CHUNK
             cs = softmax_scale * LOG2E
 
             # Q tile: row r -> (query i = r // group, head kh * group + r % group); padding rows 0.
@@ -140,29 +188,37 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, block_n: int | None =
                 q_s[i, j] = T.if_then_else(r < rows, q[bb, r // group, kh * group + r % group, j],
                                            T.cast(0, dtype))
             T.fill(o, 0)
-            T.fill(row_sum, 0)
-            T.fill(m, NEG_INF)
+            for i in T.Parallel(bm):
+                if sink:
+                    # Split 0 starts from the sink's score: max = sink / scale (raw units), sum 1.
+                    head = kh * group + (r0 + i) % group
+                    start = T.if_then_else(bs == 0 and r0 + i < rows, sinks[T.min(head, heads_q - 1)], NEG_INF)
+                    m[i] = start / softmax_scale
+                    row_sum[i] = T.if_then_else(start == NEG_INF, 0, 1)
+                else:
+                    m[i] = NEG_INF
+                    row_sum[i] = 0
 
-            for t in (T.Pipelined(nb, num_stages=stages) if stages > 0 else T.serial(nb)):
+            for slot in T.unroll(ring - 1):
+                if paged:
+                    look_up_pages(pages, slots, page_table, cache_row, first_key, last_key, blk_lo + slot, my_row,
+                                  kv1)
+                issue(k, v, k_s, v_s, pages, slots, cache_row, kh, first_key, last_key, blk_lo + slot, blk_end, slot,
+                      my_row, my_col)
+            if paged:
+                look_up_pages(pages, slots, page_table, cache_row, first_key, last_key, blk_lo + ring - 1, my_row,
+                              kv1)
+            for t in T.serial(nb):
+                issue(k, v, k_s, v_s, pages, slots, cache_row, kh, first_key, last_key, blk_lo + t + ring - 1,
+                      blk_end, (t + ring - 1) % ring, my_row, my_col)
+                if paged:  # used by the next iteration's issue: the loads' latency hides behind the math
+                    look_up_pages(pages, slots, page_table, cache_row, first_key, last_key, blk_lo + t + ring,
+                                  my_row, kv1)
+                T.ptx_wait_group(ring - 1)
+                T.sync_threads()
                 n0 = (blk_lo + t) * bn
-                # Gather the block's K / V rows (clamped to a valid row past seqlen_k).
-                for i, j in T.Parallel(bn, D):
-                    key = T.min(n0 + i, last_key)
-                    if paged:
-                        ps = kv1
-                        page = T.if_then_else(seqlen_k > 0, page_table[bb, key // ps], 0)
-                        k_s[i, j] = k[page, key % ps, kh, j]
-                    else:
-                        k_s[i, j] = k[bb, key, kh, j]
-                for i, j in T.Parallel(bn, D):
-                    key = T.min(n0 + i, last_key)
-                    if paged:
-                        ps = kv1
-                        page = T.if_then_else(seqlen_k > 0, page_table[bb, key // ps], 0)
-                        v_s[i, j] = v[page, key % ps, kh, j]
-                    else:
-                        v_s[i, j] = v[bb, key, kh, j]
-                T.gemm(q_s, k_s, s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                T.gemm(q_s, k_s[t % ring, :, :], s, transpose_B=True, clear_accum=True,
+                       policy=T.GemmWarpPolicy.FullRow)
                 for i, j in T.Parallel(bm, bn):
                     key = n0 + j
                     ok = T.Not(empty) and key < seqlen_k
@@ -181,7 +237,9 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, block_n: int | None =
                 for i, j in T.Parallel(bm, D):
                     o[i, j] *= alpha[i]
                 T.copy(s, p)
-                T.gemm(p, v_s, o, policy=T.GemmWarpPolicy.FullRow)
+                T.gemm(p, v_s[t % ring, :, :], o, policy=T.GemmWarpPolicy.FullRow)
+                T.sync_threads()  # the slot is refilled by the next iteration's issue
+            T.ptx_wait_group(0)
 
             # Epilogue: normalized partial output and lse of the rows of this tile.
             for i, j in T.Parallel(bm, D):
@@ -201,14 +259,18 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, block_n: int | None =
             q: T.Tensor((batch, seqlen_q, heads_q, D), dtype),
             k: T.Tensor((kv0, kv1, heads_k, D), dtype),
             v: T.Tensor((kv0, kv1, heads_k, D), dtype),
-            page_table: T.Tensor((batch, max_pages), "int32"),
+            page_table: T.Tensor((cache_rows, max_pages), "int32"),
             cache_seqlens: T.Tensor((batch,), "int32"),
+            cache_batch_idx: T.Tensor((n_idx,), "int32"),
+            cache_leftpad: T.Tensor((n_pad,), "int32"),
+            sinks: T.Tensor((n_sink,), acc),
             out_partial: T.Tensor((num_splits, batch, seqlen_q, heads_q, D), acc),
             lse_partial: T.Tensor((num_splits, batch, heads_q, seqlen_q), acc),
             softmax_scale: T.float32,
         ):
             T.annotate_pass_configs(PASS_CONFIGS)
-            body(q, k, v, page_table, cache_seqlens, out_partial, lse_partial, softmax_scale)
+            body(q, k, v, page_table, cache_seqlens, cache_batch_idx, cache_leftpad, sinks, out_partial,
+                 lse_partial, softmax_scale)
 
         return flash_attn_decode_paged
 
@@ -218,12 +280,16 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, block_n: int | None =
         k: T.Tensor((kv0, kv1, heads_k, D), dtype),
         v: T.Tensor((kv0, kv1, heads_k, D), dtype),
         cache_seqlens: T.Tensor((batch,), "int32"),
+        cache_batch_idx: T.Tensor((n_idx,), "int32"),
+        cache_leftpad: T.Tensor((n_pad,), "int32"),
+        sinks: T.Tensor((n_sink,), acc),
         out_partial: T.Tensor((num_splits, batch, seqlen_q, heads_q, D), acc),
         lse_partial: T.Tensor((num_splits, batch, heads_q, seqlen_q), acc),
         softmax_scale: T.float32,
     ):
         T.annotate_pass_configs(PASS_CONFIGS)
-        body(q, k, v, None, cache_seqlens, out_partial, lse_partial, softmax_scale)
+        body(q, k, v, None, cache_seqlens, cache_batch_idx, cache_leftpad, sinks, out_partial, lse_partial,
+             softmax_scale)
 
     return flash_attn_decode
 
@@ -259,13 +325,14 @@ def num_splits_heuristic(batch: int, heads_k: int, row_blocks: int, max_seqlen_k
 
 
 def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, out, softmax_lse,
-           num_splits: int = 0, kernel=None) -> None:
+           num_splits: int = 0, kernel=None, cache_batch_idx=None, cache_leftpad=None, learnable_sink=None) -> None:
     """Split kernel + combine on torch tensors; no host sync (CUDA-graph capturable).
 
     q (batch, seqlen_q, heads_q, d); k / v the dense or paged cache (see the module docstring);
-    page_table int32 (batch, max_pages) or None; seqused_k int32 (batch,) or None (every cached
-    key); out (batch, seqlen_q, heads_q, d) and softmax_lse (batch, heads_q, seqlen_q) written in
-    place. num_splits <= 0 picks the count from static sizes.
+    page_table int32 (batch_cache, max_pages) or None; seqused_k int32 (batch,) or None (every
+    cached key); cache_batch_idx / cache_leftpad int32 (batch,) or None; learnable_sink (heads_q,)
+    or None; out (batch, seqlen_q, heads_q, d) and softmax_lse (batch, heads_q, seqlen_q) written
+    in place. num_splits <= 0 picks the count from static sizes.
     """
     import torch
 
@@ -281,7 +348,9 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
     paged = page_table is not None
     info = platform.device_info(device)
     if kernel is None:
-        var = {"dtype": q.dtype, "head_dim": d, "paged": paged, "causal": bool(causal)}
+        var = {"dtype": q.dtype, "head_dim": d, "paged": paged, "causal": bool(causal),
+               "leftpad": cache_leftpad is not None, "batch_idx": cache_batch_idx is not None,
+               "sink": learnable_sink is not None}
         kernel = jit.get_kernel(DECODE.name, var, info.tilelang_target, DECODE.build)
     max_seqlen_k = page_table.shape[1] * k.shape[1] if paged else k.shape[1]
     rows = seqlen_q * (heads_q // heads_k)
@@ -295,10 +364,16 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
     if seqused_k is None:
         seqused_k = torch.full((batch,), max_seqlen_k, dtype=torch.int32, device=device)
     seqused_k = seqused_k.to(torch.int32).contiguous()
+
+    def int_vector(value):  # an unused flag's tensor is never read: pass seqused_k
+        return seqused_k if value is None else value.to(torch.int32).contiguous()
+
+    sinks = lse_partial.view(-1) if learnable_sink is None else learnable_sink.to(torch.float32).contiguous()
+    tail = (seqused_k, int_vector(cache_batch_idx), int_vector(cache_leftpad), sinks, out_partial, lse_partial,
+            float(softmax_scale))
     if paged:
-        kernel(q, k, v, page_table.to(torch.int32).contiguous(), seqused_k, out_partial, lse_partial,
-               float(softmax_scale))
+        kernel(q, k, v, page_table.to(torch.int32).contiguous(), *tail)
     else:
-        kernel(q, k, v, seqused_k, out_partial, lse_partial, float(softmax_scale))
+        kernel(q, k, v, *tail)
     lse = softmax_lse.transpose(1, 2)  # (batch, seqlen_q, heads_q) view for the combine
     _combine(out_partial, lse_partial.transpose(2, 3), out, lse)
