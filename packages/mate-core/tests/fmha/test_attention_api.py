@@ -493,9 +493,29 @@ def _small():
     return randn(gen, 1, 2, 2, 64), randn(gen, 1, 3, 2, 64), randn(gen, 1, 3, 2, 64)
 
 
-def test_gpu_kvcache_decode_is_not_yet_supported(fake_gpu):
-    with pytest.raises(dispatch.UnsupportedError, match=r"seqused=True \(supported: False\)"):
-        flash_attn_with_kvcache(**_kvcache_inputs())
+def test_gpu_kvcache_append_runs_the_append_kernel_then_attention(fake_gpu, monkeypatch):
+    appended, decoded = [], []
+
+    def fake_append(kernel, q, cu_q, q_rot, *rest, q_per_token, interleaved):
+        appended.append((q.shape, q_rot is not None, q_per_token, interleaved))
+
+    monkeypatch.setattr("mate.jit.get_kernel", lambda *args: None)
+    monkeypatch.setattr("mate.ops.fmha.append_kernel.launch", fake_append)
+    monkeypatch.setattr("mate.ops.fmha.decode_kernel.launch", lambda *args, **kwargs: decoded.append(args))
+    args = _kvcache_inputs()
+    flash_attn_with_kvcache(**args, causal=True)
+    assert appended == [((2, 4, 64), True, False, True)]  # one query per sequence: not per token
+    # The attention reads the updated cache: cache_seqlens + the new rows.
+    assert len(decoded) == 1 and decoded[0][4].tolist() == [4, 10]
+
+
+def test_gpu_kvcache_unsupported_feature_appends_nothing(fake_gpu, monkeypatch):
+    monkeypatch.setattr("mate.ops.fmha.append_kernel.launch", lambda *args, **kwargs: pytest.fail("appended"))
+    args = _kvcache_inputs()
+    k_cache = args["k_cache"].clone()
+    with pytest.raises(dispatch.UnsupportedError, match=r"attention_chunk=True \(supported: False\)"):
+        flash_attn_with_kvcache(**args, attention_chunk=4)
+    assert torch.equal(args["k_cache"], k_cache)
 
 
 def test_gpu_unsupported_variant_names_the_feature(fake_gpu):

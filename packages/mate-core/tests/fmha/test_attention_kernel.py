@@ -84,3 +84,59 @@ def test_one_kernel_serves_every_length():
         out, lse = flash_attn_varlen_func(q, k, v, causal=True, return_softmax_lse=True)
         _check(out, lse, q, k, v, causal=True)
     assert jit.stats["compiled"] + jit.stats["loaded"] - before <= 1
+
+
+def _check_rows(out, lse, exact, exact_lse, rows):
+    """_check restricted to the query rows the kernel computes (upstream leaves the others unwritten)."""
+    testing.assert_within_low_precision_error(out[rows], exact[rows], exact[rows].to(out.dtype), atol=ATOL[out.dtype])
+    assert torch.equal(lse[:, rows].isinf(), exact_lse[:, rows].isinf())
+    assert testing.max_abs_error(lse[:, rows], exact_lse[:, rows]) <= 2e-3
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sink", [False, True])
+@pytest.mark.parametrize("window", [(-1, -1), (45, 7)])
+def test_varlen_seqused_and_sink(causal, sink, window):
+    """seqused_q / seqused_k below the cu_seqlens extents (0 included: rows that see no key get
+    LSE -inf, or the sink), and a learnable sink joining the softmax denominator."""
+    gen = torch.Generator(device="cuda").manual_seed(testing.seed_for(f"seqused{causal}{sink}{window}"))
+    dtype, heads, heads_k, d = torch.bfloat16, 8, 2, 128
+    lengths_q, used_q = [1, 113, 64, 333, 7, 5], [1, 100, 0, 333, 3, 5]
+    lengths_k, used_k = [1, 203, 64, 301, 517, 9], [1, 150, 64, 0, 500, 9]
+    cu_q = torch.tensor([0] + lengths_q, device="cuda").cumsum(0).int()
+    cu_k = torch.tensor([0] + lengths_k, device="cuda").cumsum(0).int()
+    seqused_q = torch.tensor(used_q, dtype=torch.int32, device="cuda")
+    seqused_k = torch.tensor(used_k, dtype=torch.int32, device="cuda")
+    q = _randn(gen, sum(lengths_q), heads, d, dtype=dtype)
+    k = _randn(gen, sum(lengths_k), heads_k, d, dtype=dtype)
+    v = _randn(gen, sum(lengths_k), heads_k, d, dtype=dtype)
+    learnable_sink = torch.randn(heads, generator=gen, device="cuda") * 2 if sink else None
+    out = testing.poison(torch.empty_like(q))
+    out, lse = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), seqused_q=seqused_q,
+                                      seqused_k=seqused_k, causal=causal, window_size=window,
+                                      learnable_sink=learnable_sink, out=out, return_softmax_lse=True)
+    exact, exact_lse = reference.attention_forward(
+        q.double(), k.double(), v.double(), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lengths_q),
+        max_seqlen_k=max(lengths_k), seqused_q=seqused_q, seqused_k=seqused_k, causal=causal, window_size=window,
+        learnable_sink=None if learnable_sink is None else learnable_sink.double())
+    rows = torch.cat([torch.arange(start, start + used) for start, used in zip(cu_q.tolist(), used_q, strict=False)])
+    _check_rows(out, lse, exact, exact_lse, rows.cuda())
+
+
+@pytest.mark.parametrize("page_size", [1, 16, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_paged_prefill(page_size, causal):
+    """A chunked-prefill-sized query block over a paged cache (any page size), with seqused_k."""
+    gen = torch.Generator(device="cuda").manual_seed(testing.seed_for(f"paged-prefill{page_size}{causal}"))
+    dtype, batch, seqlen_q, heads, heads_k, d = torch.bfloat16, 3, 128, 8, 2, 128
+    pages_per_seq = -(-1000 // page_size)
+    num_pages = batch * pages_per_seq + 5
+    k_pages = _randn(gen, num_pages, page_size, heads_k, d, dtype=dtype)
+    v_pages = _randn(gen, num_pages, page_size, heads_k, d, dtype=dtype)
+    table = torch.randperm(num_pages, generator=gen, device="cuda")[:batch * pages_per_seq].view(batch, -1).int()
+    seqused_k = torch.tensor([128, 1000, 517], dtype=torch.int32, device="cuda")
+    q = _randn(gen, batch, seqlen_q, heads, d, dtype=dtype)
+    out = testing.poison(torch.empty_like(q))
+    out, lse = flash_attn_varlen_func(q, k_pages, v_pages, page_table=table, seqused_k=seqused_k, causal=causal,
+                                      out=out, return_softmax_lse=True)
+    _check(out, lse, q, k_pages, v_pages, page_table=table, seqused_k=seqused_k, causal=causal)

@@ -17,9 +17,10 @@ OP = "fmha.flash_attn_fwd"
 HEAD_DIMS = [(64, 64), (96, 96), (128, 128), (192, 192), (192, 128), (256, 256)]
 
 
-def variant(dtype="bfloat16", head_dim=128, head_dim_v=128, causal=False, has_window=False, has_softcap=False):
+def variant(dtype="bfloat16", head_dim=128, head_dim_v=128, causal=False, has_window=False, has_softcap=False,
+            **extra):
     return {"dtype": dtype, "head_dim": head_dim, "head_dim_v": head_dim_v, "causal": causal,
-            "has_window": has_window, "has_softcap": has_softcap}
+            "has_window": has_window, "has_softcap": has_softcap, **extra}
 
 
 @pytest.mark.parametrize("head_dim,head_dim_v", HEAD_DIMS)
@@ -53,10 +54,15 @@ def test_launch_argument_order_and_empty_calls():
     class Cu:
         shape = (3,)
 
-    forward_kernel.launch(fake, "q", "k", "v", Cu(), "cuk", 77, "out", "lse", 0.125, (5, -1), 30.0)
-    assert calls == [("q", "k", "v", calls[0][3], "cuk", "out", "lse", 77, 0.125, 5, -1, 30.0)]
-    forward_kernel.launch(fake, "q", "k", "v", Cu(), "cuk", 0, "out", "lse", 0.125)  # nothing to do
-    assert len(calls) == 1
+    cu_q, lse = Cu(), ["lse row 0"]
+    forward_kernel.launch(fake, "q", "k", "v", cu_q, "cuk", 77, "out", lse, 0.125, (5, -1), 30.0)
+    # Kernels built without seqused / sink get placeholders of the right kinds (never read).
+    assert calls == [("q", "k", "v", cu_q, "cuk", cu_q, "cuk", "out", lse, "lse row 0", 77, 0.125, 5, -1, 30.0)]
+    forward_kernel.launch(fake, "q", "k", "v", cu_q, "cuk", 9, "out", lse, 0.5, seqused_q="uq", seqused_k="uk",
+                          sink="sink")
+    assert calls[1] == ("q", "k", "v", cu_q, "cuk", "uq", "uk", "out", lse, "sink", 9, 0.5, -1, -1, 0.0)
+    forward_kernel.launch(fake, "q", "k", "v", cu_q, "cuk", 0, "out", lse, 0.125)  # nothing to do
+    assert len(calls) == 2
 
 
 # A small matrix: each sm_90a compile takes 20-70 s on two cores.
@@ -64,6 +70,7 @@ COMPILE_VARIANTS = [
     pytest.param(variant(), id="bf16-d128"),
     pytest.param(variant("float16", 64, 64, causal=True), id="fp16-d64-causal"),
     pytest.param(variant("bfloat16", 192, 128, has_window=True, has_softcap=True), id="bf16-d192x128-local-softcap"),
+    pytest.param(variant(causal=True, has_seqused=True, has_sink=True), id="bf16-d128-causal-seqused-sink"),
 ]
 
 
@@ -100,6 +107,10 @@ def test_kernel_compiles_for_sm90a(var):
         assert name in src
     if var["has_softcap"]:
         assert "tanh.approx.f32" in src
+    if var.get("has_seqused"):
+        assert "seqused_q[" in src and "seqused_k[" in src
+    if var.get("has_sink"):
+        assert "sink[" in src
     # The mask is applied only to blocks that straddle a boundary.
     assert src.count("-CUDART_INF_F") >= 2
     print(f"compile {var}: {seconds:.1f} s")

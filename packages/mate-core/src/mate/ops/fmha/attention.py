@@ -10,9 +10,13 @@ the PyTorch reference (:func:`mate.ops.fmha.reference.attention_forward`) on the
 TileLang kernel on a GPU.
 
 The TileLang forward kernel (:mod:`mate.ops.fmha.forward_kernel`) covers prefill: fp16/bf16,
-head dims 64-256 (and 192/128), MHA/GQA/MQA, causal, local windows, softcap, fixed-length and
-varlen (cu_seqlens) batches; the split-KV decode kernel (:mod:`mate.ops.fmha.decode_kernel`,
-op ``DECODE``) serves 1-8 queries per sequence on a dense or paged cache without appends.
+head dims 64-256 (and 192/128), MHA/GQA/MQA, causal, local windows, softcap, learnable sinks,
+fixed-length and varlen (cu_seqlens) batches with seqused_q / seqused_k, dense KV caches with
+cache_seqlens, cache_leftpad and cache_batch_idx, and paged caches (gathered into a dense copy
+first); the split-KV decode kernel (:mod:`mate.ops.fmha.decode_kernel`, op ``DECODE``) serves
+1-8 queries per sequence on a dense or paged cache. New keys/values of flash_attn_with_kvcache
+(with rotary embedding) are written into the cache by the append kernel
+(:mod:`mate.ops.fmha.append_kernel`, op ``APPEND``) before either attention kernel runs.
 ``FWD.support`` and ``DECODE.support`` say exactly what they accept; on a GPU any other
 variant raises :class:`mate.UnsupportedError` naming the feature (or runs the reference with one
 warning under MATE_ALLOW_REFERENCE_FALLBACK=1).
@@ -82,17 +86,17 @@ FWD_SUPPORT = dispatch.Support({
     "causal": (False, True),
     "local": (False, True),
     "softcap": (False, True),
-    "learnable_sink": (False,),
+    "learnable_sink": (False, True),
     "varlen_q": (False, True),
     "varlen_k": (False, True),
-    "seqused": (False,),
-    "paged_kv": (False,),
-    "append_kv": (False,),
-    "rotary": (False,),
+    "seqused": (False, True),
+    "paged_kv": (False, True),
+    "append_kv": (False, True),
+    "rotary": (False, True),
     "qv": (False,),
     "attention_chunk": (False,),
-    "leftpad_k": (False,),
-    "kv_batch_idx": (False,),
+    "leftpad_k": (False, True),
+    "kv_batch_idx": (False, True),
     "context_parallel": (False,),
 }, combinations={
     ("head_dim", "head_dim_v"): ((64, 64), (96, 96), (128, 128), (192, 192), (256, 256), (192, 128)),
@@ -116,10 +120,24 @@ def fwd_variant(*, dtype: torch.dtype, head_dim: int, head_dim_v: int, causal: b
 
 
 def _build_fwd(*, dtype: torch.dtype, head_dim: int, head_dim_v: int, causal: bool, local: bool, softcap: bool,
-               **unused_features):
+               learnable_sink: bool = False, seqused: bool = False, **unused_features):
     from mate.ops.fmha import forward_kernel
 
-    return forward_kernel.build(dtype, head_dim, head_dim_v, causal, has_window=local, has_softcap=softcap)
+    return forward_kernel.build(dtype, head_dim, head_dim_v, causal, has_window=local, has_softcap=softcap,
+                                has_seqused=seqused, has_sink=learnable_sink)
+
+
+# Features the prefill launcher turns into the kernel's per-sequence start rows and used lengths
+# (one compiled kernel, keyed seqused=True, serves them all) or gathers (paged_kv); appends run
+# before it (append_kernel).
+_PREFILL_HOST_FEATURES = ("varlen_q", "varlen_k", "seqused", "paged_kv", "append_kv", "rotary", "leftpad_k",
+                          "kv_batch_idx")
+
+
+def prefill_kernel_variant(variant: dict, seqused: bool) -> dict:
+    """The compile key of the prefill kernel serving a forward variant: only what the kernel bakes in."""
+    return {**variant, **{name: False for name in _PREFILL_HOST_FEATURES}, "varlen_q": True, "varlen_k": True,
+            "seqused": seqused}
 
 
 def _fwd_tolerance(dtype: torch.dtype) -> tuple[float, float]:
@@ -160,6 +178,57 @@ def _aot_variants() -> list[dict]:
 FWD = dispatch.register(dispatch.Op(name="fmha.attention_forward", family="fmha", support=FWD_SUPPORT,
                                     build=_build_fwd, check_case=_fwd_check_case, aot_variants=_aot_variants,
                                     tolerance=_fwd_tolerance))
+
+
+# The KV-cache append kernel (mate.ops.fmha.append_kernel): flash_attn_with_kvcache's new keys /
+# values written into the cache (rotary applied to them and, into a temporary, to q) before the
+# attention kernels run over the updated cache. Keyed by the call's own head dims.
+APPEND_HEAD_DIMS = ((64, 64), (96, 96), (128, 128), (192, 192), (256, 256), (192, 128))
+
+
+def _build_append(*, dtype: torch.dtype, head_dim: int, head_dim_v: int):
+    from mate.ops.fmha import append_kernel
+
+    return append_kernel.build(dtype, head_dim, head_dim_v)
+
+
+def _append_check_case(device: torch.device):
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 4, 64, generator=generator).to(torch.bfloat16)
+    k_cache = torch.randn(2, 40, 2, 64, generator=generator).to(torch.bfloat16)
+    v_cache = torch.randn(2, 40, 2, 64, generator=generator).to(torch.bfloat16)
+    k_new = torch.randn(2, 3, 2, 64, generator=generator).to(torch.bfloat16)
+    v_new = torch.randn(2, 3, 2, 64, generator=generator).to(torch.bfloat16)
+    angles = torch.rand(40, 16, generator=generator) * 6.28
+    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+    cache_seqlens = torch.tensor([7, 30], dtype=torch.int32)
+
+    def run():
+        k_dev, v_dev = k_cache.to(device), v_cache.to(device)
+        out, lse = flash_attn_with_kvcache(q.to(device), k_dev, v_dev, k_new.to(device), v_new.to(device),
+                                           rotary_cos=cos.to(device), rotary_sin=sin.to(device),
+                                           cache_seqlens=cache_seqlens.to(device), causal=True,
+                                           return_softmax_lse=True)
+        return out, lse, k_dev, v_dev
+
+    def expected():
+        # In bfloat16 (computing in float32): the rotated values are rounded as the kernels round them.
+        k_ref, v_ref = k_cache.clone(), v_cache.clone()
+        out, lse = reference.attention_forward(q, k_ref, v_ref, k_new=k_new, v_new=v_new, seqused_k=cache_seqlens,
+                                               rotary_cos=cos, rotary_sin=sin, causal=True)
+        return out, lse, k_ref, v_ref
+
+    return run, expected
+
+
+APPEND = dispatch.register(dispatch.Op(
+    name="fmha.kvcache_append", family="fmha",
+    support=dispatch.Support({"dtype": (torch.float16, torch.bfloat16), "head_dim": (64, 96, 128, 192, 256),
+                              "head_dim_v": (64, 96, 128, 192, 256)},
+                             combinations={("head_dim", "head_dim_v"): APPEND_HEAD_DIMS}),
+    build=_build_append, check_case=_append_check_case, tolerance=_fwd_tolerance,
+    aot_variants=lambda: [{"dtype": dtype, "head_dim": d, "head_dim_v": dv}
+                          for dtype in (torch.bfloat16, torch.float16) for d, dv in APPEND_HEAD_DIMS]))
 
 
 # The split-KV decode kernel (mate.ops.fmha.decode_kernel): flash_attn_with_kvcache without
@@ -243,8 +312,13 @@ def _cu_seqlens_of_fixed(batch: int, seqlen: int, device: torch.device) -> torch
 
 
 def _launch_kernel(variant: dict, args: dict[str, Any]) -> None:
-    """Run the TileLang prefill kernel: it takes varlen (total, heads, dim) tensors, so a
-    fixed-length batch runs as sequences of equal length (views; copies only for strided inputs)."""
+    """Run the TileLang prefill kernel. It takes varlen (total, heads, dim) tensors with per-sequence
+    start rows (cu_seqlens) and, when needed, used lengths (seqused): a fixed-length batch runs as
+    sequences of equal length, a dense KV cache (batch_cache, seqlen_cache, ...) as rows of its
+    flattened view starting at cache_batch_idx[b] * seqlen_cache + cache_leftpad[b] with
+    seqused_k[b] - cache_leftpad[b] keys, and a paged cache is first gathered through its page table
+    into a dense one (a copy of batch * pages_per_seq pages; the kernel's TMA loads need dense rows).
+    All index arithmetic runs on the device (no host sync)."""
     from mate import jit
     from mate.ops.fmha import forward_kernel
 
@@ -252,13 +326,40 @@ def _launch_kernel(variant: dict, args: dict[str, Any]) -> None:
     device = q.device
     cu_q, cu_k = args["cu_seqlens_q"], args["cu_seqlens_k"]
     max_q, max_k = args["max_seqlen_q"], args["max_seqlen_k"]
+    used_q, used_k = args["seqused_q"], args["seqused_k"]
+    leftpad, rows, table = args["leftpad_k"], args["kv_batch_idx"], args["page_table"]
     if cu_q is None:
         batch, max_q = q.shape[0], q.shape[1]
         cu_q, q = _cu_seqlens_of_fixed(batch, max_q, device), q.reshape(-1, *q.shape[2:])
+    batch = cu_q.shape[0] - 1
+    if table is not None:
+        # Gather each sequence's pages into a dense (batch, pages_per_seq * page_size) cache. Entries
+        # past a sequence's pages may hold anything: they are clamped to a valid page (never read).
+        if rows is not None:
+            table = table.index_select(0, rows)
+        pages = table.clamp(0, k.shape[0] - 1)
+        k = k[pages].flatten(1, 2)
+        v = v[pages].flatten(1, 2)
+        rows = None
+    seqused = used_q is not None or used_k is not None or leftpad is not None or rows is not None
     if cu_k is None:
         max_k = k.shape[1]
-        cu_k = _cu_seqlens_of_fixed(k.shape[0], max_k, device)
+        if seqused:
+            first = rows if rows is not None else torch.arange(batch, dtype=torch.int32, device=device)
+            cu_k = torch.cat([first * max_k, first.new_zeros(1)])  # start rows; the last entry is not read
+            if used_k is None:
+                used_k = torch.full((batch,), max_k, dtype=torch.int32, device=device)
+        else:
+            cu_k = _cu_seqlens_of_fixed(k.shape[0], max_k, device)
         k, v = k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])
+    if seqused:
+        if used_q is None:
+            used_q = cu_q[1:] - cu_q[:-1]
+        if used_k is None:
+            used_k = cu_k[1:] - cu_k[:-1]
+        if leftpad is not None:
+            cu_k = cu_k + torch.cat([leftpad, leftpad.new_zeros(1)])
+            used_k = used_k - leftpad
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     heads, total_q = q.shape[1], q.shape[0]
     flat_out = out.view(total_q, heads, -1) if out.is_contiguous() else torch.empty(
@@ -268,14 +369,54 @@ def _launch_kernel(variant: dict, args: dict[str, Any]) -> None:
                                                                                device=device)
     window = _kernel_window(variant["causal"] or args["causal"], (args["window_size_left"], args["window_size_right"]),
                             max_q, max_k)
+    sink = args["learnable_sink"]
     target = platform.device_info(device).tilelang_target
-    kernel = jit.get_kernel(FWD.name, variant, target, FWD.build)
+    kernel = jit.get_kernel(FWD.name, prefill_kernel_variant(variant, seqused), target, FWD.build)
     forward_kernel.launch(kernel, q, k, v, cu_q, cu_k, max_q, flat_out, flat_lse, args["softmax_scale"],
-                          window, args["softcap"])
+                          window, args["softcap"], seqused_q=used_q.to(torch.int32) if seqused else None,
+                          seqused_k=used_k.to(torch.int32) if seqused else None,
+                          sink=None if sink is None else sink.float())
     if flat_out is not out:
         out.copy_(flat_out.view(out.shape))
     if flat_lse is not lse:
         lse.copy_(flat_lse.view(heads, lse.shape[0], -1).transpose(0, 1) if lse.dim() == 3 else flat_lse)
+
+
+def _append_kv(args: dict[str, Any], q_per_token: bool) -> dict[str, Any]:
+    """Run the append kernel: write the new keys/values (rotated when rotary_cos is given) into the
+    cache in place and rotate q into a temporary. Returns the arguments of the attention that
+    follows: the rotated q, seqused_k = cache_seqlens + each sequence's new rows, no new keys."""
+    from mate import jit
+    from mate.ops.fmha import append_kernel
+
+    q, k, v, k_new, v_new = args["q"], args["k"], args["v"], args["k_new"], args["v_new"]
+    device = q.device
+    cu_q, cu_new = args["cu_seqlens_q"], args["cu_seqlens_k_new"]
+    q_flat = q
+    if cu_q is None:
+        cu_q, q_flat = _cu_seqlens_of_fixed(q.shape[0], q.shape[1], device), q.reshape(-1, *q.shape[2:])
+    if cu_new is None:
+        cu_new = _cu_seqlens_of_fixed(k_new.shape[0], k_new.shape[1], device)
+        k_new, v_new = k_new.reshape(-1, *k_new.shape[2:]), v_new.reshape(-1, *v_new.shape[2:])
+    cos, sin = args["rotary_cos"], args["rotary_sin"]
+    q_flat = q_flat.contiguous()
+    q_rot = torch.empty_like(q_flat) if cos is not None else None
+    # The kernel addresses the caches as contiguous 4-D tensors; a strided cache is updated through a copy.
+    k_cache, v_cache = k.contiguous(), v.contiguous()
+    cache_seqlens = args["seqused_k"]
+    start = args["seqlens_rotary"] if args["seqlens_rotary"] is not None else cache_seqlens
+    variant = {"dtype": q.dtype, "head_dim": q.shape[-1], "head_dim_v": v.shape[-1]}
+    kernel = jit.get_kernel(APPEND.name, variant, platform.device_info(device).tilelang_target, APPEND.build)
+    append_kernel.launch(kernel, q_flat, cu_q, q_rot, k_new.contiguous(), v_new.contiguous(), cu_new, k_cache,
+                         v_cache, args["page_table"], args["kv_batch_idx"], cache_seqlens, start, cos, sin,
+                         q_per_token=q_per_token, interleaved=args["rotary_interleaved"])
+    if k_cache is not k:
+        k.copy_(k_cache)
+    if v_cache is not v:
+        v.copy_(v_cache)
+    return {**args, "q": q if q_rot is None else q_rot.view(q.shape), "k_new": None, "v_new": None,
+            "cu_seqlens_k_new": None, "rotary_cos": None, "rotary_sin": None, "seqlens_rotary": None,
+            "seqused_k": (cache_seqlens + (cu_new[1:] - cu_new[:-1])).to(torch.int32)}
 
 
 # ---- the custom ops ------------------------------------------------------------------------
@@ -307,9 +448,17 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Te
         paged_kv=page_table is not None, append_kv=k_new is not None, rotary=rotary_cos is not None,
         qv=qv is not None, attention_chunk=attention_chunk > 0, leftpad_k=leftpad_k is not None,
         kv_batch_idx=kv_batch_idx is not None, context_parallel=cp_world_size > 1)
+    if k_new is not None and select_backend(variant, q.device, backend) == "tilelang":
+        # Append (rotating the new keys, and q into a temporary) with the append kernel, then attend
+        # over the updated cache like a call without new keys.
+        args = _append_kv(args, q_per_token=is_causal or is_local)
+        q, seqused_k = args["q"], args["seqused_k"]
+        k_new = v_new = cu_seqlens_k_new = rotary_cos = rotary_sin = seqlens_rotary = None
+        variant = {**variant, "append_kv": False, "rotary": False}
     decode = _decode_variant(variant, args)
     choice = "tilelang" if backend in KERNEL_BACKENDS else backend
-    if decode is not None and dispatch.select(DECODE, decode, q.device, choice) == "tilelang":
+    if (decode is not None and not DECODE.support.violations(decode)
+            and dispatch.select(DECODE, decode, q.device, choice) == "tilelang"):
         from mate.ops.fmha import decode_kernel
 
         decode_kernel.launch(q, k, v, page_table, seqused_k, softmax_scale, decode["causal"], out, softmax_lse,

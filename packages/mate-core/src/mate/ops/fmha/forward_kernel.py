@@ -10,8 +10,11 @@ serves every sequence length and batch. Parameters of the prim_func, in order:
     v              dtype    (total_k, heads_k, head_dim_v)    contiguous
     cu_seqlens_q   int32    (batch + 1,)
     cu_seqlens_k   int32    (batch + 1,)
+    seqused_q      int32    (batch,)   read only when has_seqused (else any int32 vector)
+    seqused_k      int32    (batch,)   read only when has_seqused (else any int32 vector)
     out            dtype    (total_q, heads_q, head_dim_v)    contiguous, written
     lse            float32  (heads_q, total_q)                contiguous, written
+    sink           float32  (heads_q,) read only when has_sink (else any float32 vector)
     max_seqlen_q   int32    sizes the grid (>= every seqlen_q; larger only wastes empty blocks)
     softmax_scale  float32  > 0 (the row max is taken on unscaled scores)
     window_left    int32    -1 = unbounded (read only when has_window)
@@ -20,13 +23,19 @@ serves every sequence length and batch. Parameters of the prim_func, in order:
 
 ``launch(kernel, ...)`` passes torch tensors in that order. Semantics (FlashAttention-3):
 sequence b owns query rows cu_seqlens_q[b]:cu_seqlens_q[b+1] and key rows
-cu_seqlens_k[b]:cu_seqlens_k[b+1]; query head h reads kv head h // (heads_q // heads_k).
+cu_seqlens_k[b]:cu_seqlens_k[b+1]; with has_seqused it owns the seqused_q[b] query rows from
+cu_seqlens_q[b] and the seqused_k[b] key rows from cu_seqlens_k[b] instead (the entries
+cu_seqlens_*[b + 1] are then not read: cu_seqlens_k may hold arbitrary start rows, e.g. the
+rows of a dense KV cache); query head h reads kv head h // (heads_q // heads_k).
 With off = seqlen_k - seqlen_q (bottom-right alignment), query i sees key j when
 j < seqlen_k, and j <= i + off if causal, and i + off - window_left <= j <= i + off +
 window_right if has_window (a side set to -1 is unbounded). Scores are
 s = softmax_scale * q.k, or softcap * tanh(softmax_scale * q.k / softcap) with softcap.
 out = softmax(s) @ v over the visible keys; lse = logsumexp(s) (natural log). A row that
-sees no key gets out = 0 and lse = -inf. Rows past a sequence's end are never written.
+sees no key gets out = 0 and lse = -inf. Rows past a sequence's end are never written. With
+has_sink, the learnable sink of head h joins the softmax denominator only:
+lse = log(exp(sink[h]) + sum exp(s)), out = sum exp(s - lse) v; a row that sees no key gets
+out = 0 and lse = sink[h].
 
 Design (per CTA: one block of block_m query rows of one head of one sequence):
   * warp specialization: the last warpgroup is the producer, which loads the Q tile once and
@@ -115,8 +124,8 @@ def shared_memory_bytes(head_dim: int, head_dim_v: int, cfg: Config, elem_bytes:
 
 
 def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_window: bool, has_softcap: bool,
-          block_m: int | None = None, block_n: int | None = None, num_stages: int | None = None,
-          pingpong: bool | None = None):
+          has_seqused: bool = False, has_sink: bool = False, block_m: int | None = None, block_n: int | None = None,
+          num_stages: int | None = None, pingpong: bool | None = None):
     """Build the forward prim_func (not compiled). See the module docstring for the signature."""
     dtype = str(dtype).replace("torch.", "")
     if dtype not in DTYPES:
@@ -150,6 +159,7 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
     BIG = 1 << 30  # stands for an unbounded window side
     BAR = _PINGPONG_BARRIER
     total_q, total_k, heads_q, heads_k, batch_plus_1 = T.dynamic("total_q, total_k, heads_q, heads_k, batch_plus_1")
+    n_used_q, n_used_k, n_sink = T.dynamic("n_used_q, n_used_k, n_sink")
 
     @T.macro
     def score_mod_and_mask(s, kb, empty, m0, m_last, off, seqlen_k, wl, wr, sc_in, sc_out):
@@ -194,8 +204,11 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
         v: T.Tensor((total_k, heads_k, DV), dtype),
         cu_seqlens_q: T.Tensor((batch_plus_1,), "int32"),
         cu_seqlens_k: T.Tensor((batch_plus_1,), "int32"),
+        seqused_q: T.Tensor((n_used_q,), "int32"),
+        seqused_k: T.Tensor((n_used_k,), "int32"),
         out: T.Tensor((total_q, heads_q, DV), dtype),
         lse: T.Tensor((heads_q, total_q), "float32"),
+        sink: T.Tensor((n_sink,), "float32"),
         max_seqlen_q: T.int32,
         softmax_scale: T.float32,
         window_left: T.int32,
@@ -229,8 +242,8 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
             mblk = T.ceildiv(max_seqlen_q, bm) - 1 - bx if causal else bx
             q0 = cu_seqlens_q[bz]
             k0 = cu_seqlens_k[bz]
-            seqlen_q = cu_seqlens_q[bz + 1] - q0
-            seqlen_k = cu_seqlens_k[bz + 1] - k0
+            seqlen_q = seqused_q[bz] if has_seqused else cu_seqlens_q[bz + 1] - q0
+            seqlen_k = seqused_k[bz] if has_seqused else cu_seqlens_k[bz + 1] - k0
             m0 = mblk * bm
             if m0 < seqlen_q:
                 kh = by // (heads_q // heads_k)
@@ -344,31 +357,51 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
                             T.sync_threads(BAR, 128 * 2)
 
                     # ---- epilogue ----
-                    for i, j in T.Parallel(bm, DV):
-                        o[i, j] = T.if_then_else(row_sum[i] > 0, o[i, j] / row_sum[i], 0)
+                    if has_sink:
+                        # The sink joins the denominator (log2 units, like m * cs): with
+                        # top = max(m * cs, sink), O / (row_sum * 2^(m cs - top) + 2^(sink - top))
+                        # scaled by 2^(m cs - top); never overflows, and an empty row gets
+                        # O = 0, lse = sink.
+                        sink_l2 = sink[by] * LOG2E
+                        for i in T.Parallel(bm):
+                            m_prev[i] = T.if_then_else(row_sum[i] > 0, T.max(m[i] * cs, sink_l2), sink_l2)
+                            alpha[i] = T.if_then_else(row_sum[i] > 0, T.exp2(m[i] * cs - m_prev[i]), 0)
+                            row_sum[i] = row_sum[i] * alpha[i] + T.exp2(sink_l2 - m_prev[i])
+                        for i, j in T.Parallel(bm, DV):
+                            o[i, j] = o[i, j] * alpha[i] / row_sum[i]
+                    else:
+                        for i, j in T.Parallel(bm, DV):
+                            o[i, j] = T.if_then_else(row_sum[i] > 0, o[i, j] / row_sum[i], 0)
                     T.copy(o, o_s)
                     for i, j in T.Parallel(bm, DV):
                         if m0 + i < seqlen_q:
                             out[q0 + m0 + i, by, j] = o_s[i, j]
                     for i in T.Parallel(bm):
                         if m0 + i < seqlen_q:
-                            lse[by, q0 + m0 + i] = T.if_then_else(
-                                row_sum[i] > 0, (m[i] * cs + T.log2(row_sum[i])) * LN2, NEG_INF)
+                            if has_sink:
+                                lse[by, q0 + m0 + i] = (m_prev[i] + T.log2(row_sum[i])) * LN2
+                            else:
+                                lse[by, q0 + m0 + i] = T.if_then_else(
+                                    row_sum[i] > 0, (m[i] * cs + T.log2(row_sum[i])) * LN2, NEG_INF)
 
     return flash_attn_fwd
 
 
 def launch(kernel, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, out, lse, softmax_scale: float,
-           window: tuple[int, int] = (-1, -1), softcap: float = 0.0) -> None:
+           window: tuple[int, int] = (-1, -1), softcap: float = 0.0, seqused_q=None, seqused_k=None,
+           sink=None) -> None:
     """Run a compiled forward kernel on torch tensors (no host sync, no copies).
 
     q (total_q, heads_q, d), k (total_k, heads_k, d), v (total_k, heads_k, dv), cu_seqlens_*
     int32 (batch + 1,), out (total_q, heads_q, dv) and lse (heads_q, total_q) float32 written in
     place. window = (left, right) with -1 for an unbounded side; softcap 0 means none (the
     kernel must have been built with has_softcap / has_window for them to take effect).
+    seqused_q / seqused_k int32 (batch,) (both, for a kernel built with has_seqused) and sink
+    float32 (heads_q,) (has_sink); kernels built without them get placeholders.
     Nothing is launched when there is nothing to compute (no sequence, or max_seqlen_q <= 0).
     """
     if max_seqlen_q <= 0 or cu_seqlens_q.shape[0] <= 1:
         return
-    kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, int(max_seqlen_q), float(softmax_scale),
-           int(window[0]), int(window[1]), float(softcap))
+    kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_q if seqused_q is None else seqused_q,
+           cu_seqlens_k if seqused_k is None else seqused_k, out, lse, lse[0] if sink is None else sink,
+           int(max_seqlen_q), float(softmax_scale), int(window[0]), int(window[1]), float(softcap))
