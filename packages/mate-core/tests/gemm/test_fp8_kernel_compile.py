@@ -17,6 +17,7 @@ from mate.ops.gemm import fp8_kernel, fp8_launch, support  # noqa: E402
     ({"n": 100}, "n must be a positive multiple of 8"),
     ({"layout": "ragged"}, "layout must be one of"),
     ({"block_n": 96}, "block_n"),
+    ({"block_m": 64, "threads": 256}, "block_m"),
 ])
 def test_build_rejects_bad_configs(kwargs, match):
     args = {"n": 256, "k": 512, "layout": "dense"}
@@ -32,15 +33,17 @@ def test_kernel_variants_are_supported_dispatch_variants():
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("layout,n,k", [("dense", 2112, 7168), ("contiguous", 4096, 7168), ("masked", 7168, 2048)])
-def test_kernel_compiles_for_sm90a(layout, n, k):
+@pytest.mark.parametrize("layout,n,k,tile", [("dense", 2112, 7168, "m128n128"), ("dense", 7168, 2048, "m64n64"),
+                                           ("contiguous", 4096, 7168, "m128n128"), ("masked", 7168, 2048, "m128n128")])
+def test_kernel_compiles_for_sm90a(layout, n, k, tile):
     op = support.FP8_GEMM if layout == "dense" else support.M_GROUPED_FP8_GEMM
-    kernel = jit.get_kernel(op.name, fp8_launch.kernel_variant(n, k, layout), platform.tilelang_target("sm_90a"),
-                            op.build)
+    kernel = jit.get_kernel(op.name, fp8_launch.kernel_variant(n, k, layout, tile),
+                            platform.tilelang_target("sm_90a"), op.build)
     src = kernel.get_kernel_source()
     assert "tl::tma_load(a_desc" in src and "tl::tma_load(b_desc" in src and "tl::tma_load(sfa_desc" in src
+    block_n = 128 if tile == "m128n128" else 64
     assert re.search(r"wgmma_ss<tl::DataType::kFloat8_e4m3, tl::DataType::kFloat8_e4m3, tl::DataType::kFloat32, "
-                     r"64, 128, 32", src)
+                     rf"64, {block_n}, 32", src)
     assert "warpgroup_reg_dealloc" in src and "warpgroup_reg_alloc" in src  # producer / consumer split
     assert "rasterization2DRow" in src
     assert f"kb < {k // 128}" in src  # the K loop has a compile-time trip count

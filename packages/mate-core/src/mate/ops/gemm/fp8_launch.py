@@ -23,18 +23,27 @@ from mate.ops.gemm import layouts
 _dummy_aux: dict[torch.device, torch.Tensor] = {}
 
 
-def kernel_variant(n: int, k: int, layout: str) -> dict:
+SMALL_M = 64  # dense calls with M <= SMALL_M use 64 x 64 tiles (twice the blocks of a 128 x 128 tile per row)
+
+
+def tile_for(m: int, layout: str) -> str:
+    """The tile bucket of a call: "m64n64" for small dense M, "m128n128" otherwise (one compile each)."""
+    return "m64n64" if layout == "dense" and m <= SMALL_M else "m128n128"
+
+
+def kernel_variant(n: int, k: int, layout: str, tile: str = "m128n128") -> dict:
     """The compile-time key: the weight shape (n, k) and the layout (M is dynamic), with the values
     of the support matrix's features the kernel has (so it is also a supported dispatch variant)."""
     variant = {"ab_dtype": torch.float8_e4m3fn, "major_a": "K", "major_b": "K", "out_dtype": torch.bfloat16,
-               "recipe": (1, 128, 128), "n_multiple_of_8": True, "n": int(n), "k": int(k), "layout": layout}
+               "recipe": (1, 128, 128), "n_multiple_of_8": True, "n": int(n), "k": int(k), "layout": layout,
+               "tile": tile}
     variant.update({"accumulate": False} if layout == "dense" else {"psum": False})
     return variant
 
 
-def _kernel(op_name: str, build, n: int, k: int, layout: str, device: torch.device):
+def _kernel(op_name: str, build, n: int, k: int, layout: str, device: torch.device, tile: str = "m128n128"):
     target = platform.device_info(device).tilelang_target
-    return jit.get_kernel(op_name, kernel_variant(n, k, layout), target, build)
+    return jit.get_kernel(op_name, kernel_variant(n, k, layout, tile), target, build)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -47,6 +56,9 @@ def _sfa_view(sfa: torch.Tensor) -> torch.Tensor:
     sf = layouts.get_mn_major_tma_aligned_tensor(sfa)
     view = (sf if sf.dim() == 3 else sf.unsqueeze(0)).transpose(1, 2)
     groups, kb, mn = view.shape
+    if groups == 1 and view.stride(2) == 1:
+        # A lone group's stride is never used, but TMA wants every stride 16-byte aligned.
+        view = view.as_strided(view.shape, (-(-view.stride(1) * kb // 4) * 4, view.stride(1), 1))
     if view.stride(2) != 1 or view.stride(1) % 4 or view.data_ptr() % 16 or (groups > 1 and view.stride(0) % 4):
         # Degenerate shapes (M == 1 or one K block) keep other strides; TMA needs these.
         aligned = layouts.get_tma_aligned_size(mn, 4)
@@ -76,7 +88,7 @@ def fp8_gemm_nt(op_name: str, build, a: torch.Tensor, sfa: torch.Tensor, b: torc
     m, k = a.shape
     n = b.shape[0]
     _fits_int32(a, b, d)
-    kernel = _kernel(op_name, build, n, k, "dense", a.device)
+    kernel = _kernel(op_name, build, n, k, "dense", a.device, tile_for(m, "dense"))
     out = d if d.is_contiguous() and d.data_ptr() % 16 == 0 else torch.empty(d.shape, dtype=d.dtype, device=d.device)
     kernel(_aligned(a).unsqueeze(0), _aligned(b).unsqueeze(0), out.unsqueeze(0), _sfa_view(sfa),
            _aligned(sfb).unsqueeze(0), _aux_placeholder(a.device))

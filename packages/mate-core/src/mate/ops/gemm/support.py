@@ -26,17 +26,19 @@ def _no_kernel(**variant):
     raise NotImplementedError("no TileLang GEMM kernel yet")
 
 
-def _build_fp8(n: int, k: int, layout: str, **features):
+def _build_fp8(n: int, k: int, layout: str, tile: str = "m128n128", **features):
     """The kernel of a variant from fp8_launch.kernel_variant (the feature values are fixed)."""
     from mate.ops.gemm import fp8_kernel
 
-    return fp8_kernel.build(n, k, layout)
+    return fp8_kernel.build(n, k, layout, **fp8_kernel.TILES[tile])
 
 
 def _fp8_aot(shapes, layouts):
     from mate.ops.gemm.fp8_launch import kernel_variant
 
-    return [kernel_variant(n, k, layout) for n, k in shapes for layout in layouts]
+    tiles = ("m128n128", "m64n64")
+    return [kernel_variant(n, k, layout, tile) for n, k in shapes for layout in layouts for tile in tiles
+            if layout == "dense" or tile == "m128n128"]
 
 
 # DeepSeek-V3's dense projections (N, K) and MoE expert shapes that `mate aot` prebuilds.
