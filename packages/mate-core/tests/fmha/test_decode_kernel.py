@@ -163,6 +163,40 @@ def test_decode_leftpad_batch_idx_sink(page_size, causal, num_splits, features):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [None, 16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("features", ["window", "chunk", "softcap", "cp", "window-sink-cp"])
+def test_decode_masks_softcap_context_parallel(page_size, causal, num_splits, features):
+    dtype, d, seqlen_q, heads_q, heads_k = torch.bfloat16, 128, 3, 8, 2
+    gen = torch.Generator(device="cuda").manual_seed(
+        testing.seed_for(f"decode-masks{page_size}{causal}{num_splits}{features}"))
+    k, v, page_table = _cache(gen, 4, 500, heads_k, d, dtype, page_size)
+    cache_seqlens = torch.tensor([500, 37, 260, 3], dtype=torch.int32, device="cuda")
+    q = torch.randn(4, seqlen_q, heads_q, d, generator=gen, device="cuda").to(dtype)
+    window, chunk, softcap, cp, sink = (-1, -1), 0, 0.0, {}, None
+    if "window" in features:
+        window = (70, -1) if causal else (70, 5)
+    if features == "chunk":
+        chunk = 128
+    if features == "softcap":
+        softcap = 2.0
+    if "cp" in features:
+        # This rank holds global keys 1, 3, 5, ... (world 2, rank 1); queries align to the global count.
+        cp = {"cp_world_size": 2, "cp_rank": 1,
+              "cp_tot_seqused_k": cache_seqlens * 2 + torch.tensor([1, 0, 1, 2], dtype=torch.int32, device="cuda")}
+    if "sink" in features:
+        sink = torch.randn(heads_q, generator=gen, device="cuda")
+    # As attention._forward_op passes them: a causal window or chunk is a local mask with right bound 0.
+    local = window != (-1, -1) or chunk > 0
+    kernel_window = (window[0], 0 if causal else window[1]) if local else (-1, -1)
+    out, lse = _run(q, k, v, page_table, cache_seqlens, causal and not local, num_splits, learnable_sink=sink,
+                    window=kernel_window, attention_chunk=chunk, softcap=softcap, **cp)
+    _check(out, lse, q, k, v, page_table=page_table, seqused_k=cache_seqlens, causal=causal, window_size=window,
+           attention_chunk=chunk, softcap=softcap, learnable_sink=sink, **cp)
+
+
+@pytest.mark.gpu
 def test_causal_rows_that_see_no_key():
     # seqlen_k < seqlen_q: the first rows see nothing (out 0, lse -inf), and many splits are empty.
     gen = torch.Generator(device="cuda").manual_seed(1)

@@ -234,15 +234,13 @@ APPEND = dispatch.register(dispatch.Op(
 # The split-KV decode kernel (mate.ops.fmha.decode_kernel): flash_attn_with_kvcache without
 # appends, dense or paged cache (any page size), 1-8 queries per sequence, GQA packed.
 DECODE_MAX_SEQLEN_Q = 8
-DECODE_FEATURES_OFF = ("local", "softcap", "varlen_q", "append_kv", "rotary", "qv", "attention_chunk",
-                       "context_parallel")
+DECODE_FEATURES_OFF = ("varlen_q", "append_kv", "rotary", "qv")
 
 
-def _build_decode(*, dtype: torch.dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False,
-                  batch_idx: bool = False, sink: bool = False):
+def _build_decode(*, dtype: torch.dtype, head_dim: int, paged: bool, causal: bool, **flags):
     from mate.ops.fmha import decode_kernel
 
-    return decode_kernel.build(dtype, head_dim, paged, causal, leftpad=leftpad, batch_idx=batch_idx, sink=sink)
+    return decode_kernel.build(dtype, head_dim, paged, causal, **flags)
 
 
 def _decode_check_case(device: torch.device):
@@ -269,10 +267,11 @@ DECODE = dispatch.register(dispatch.Op(
     name="fmha.decode_splitkv", family="fmha",
     support=dispatch.Support({"dtype": (torch.float16, torch.bfloat16), "head_dim": (64, 128, 256),
                               "paged": (False, True), "causal": (False, True), "leftpad": (False, True),
-                              "batch_idx": (False, True), "sink": (False, True)}),
+                              "batch_idx": (False, True), "sink": (False, True), "local": (False, True),
+                              "softcap": (False, True), "cp": (False, True)}),
     build=_build_decode, check_case=_decode_check_case, tolerance=_fwd_tolerance,
     aot_variants=lambda: [{"dtype": dtype, "head_dim": d, "paged": paged, "causal": causal, "leftpad": False,
-                           "batch_idx": False, "sink": False}
+                           "batch_idx": False, "sink": False, "local": False, "softcap": False, "cp": False}
                           for dtype in (torch.bfloat16, torch.float16) for d in (64, 128, 256)
                           for paged in (False, True) for causal in (False, True)]))
 
@@ -286,7 +285,8 @@ def _decode_variant(variant: dict, args: dict[str, Any]) -> dict | None:
         return None
     return {"dtype": variant["dtype"], "head_dim": variant["head_dim"], "paged": variant["paged_kv"],
             "causal": variant["causal"], "leftpad": variant["leftpad_k"], "batch_idx": variant["kv_batch_idx"],
-            "sink": variant["learnable_sink"]}
+            "sink": variant["learnable_sink"], "local": variant["local"], "softcap": variant["softcap"],
+            "cp": variant["context_parallel"]}
 
 
 def select_backend(variant: dict, device: torch.device, backend: str = "auto") -> str:
@@ -463,7 +463,10 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Te
 
         decode_kernel.launch(q, k, v, page_table, seqused_k, softmax_scale, decode["causal"], out, softmax_lse,
                              num_splits=num_splits, cache_batch_idx=kv_batch_idx, cache_leftpad=leftpad_k,
-                             learnable_sink=learnable_sink)
+                             learnable_sink=learnable_sink,
+                             window=(window_size_left, 0 if causal else window_size_right) if is_local else (-1, -1),
+                             attention_chunk=attention_chunk, softcap=softcap, cp_world_size=cp_world_size,
+                             cp_rank=cp_rank, cp_tot_seqused_k=cp_tot_seqused_k)
         return
     if select_backend(variant, q.device, backend) == "tilelang":
         _launch_kernel(variant, args)

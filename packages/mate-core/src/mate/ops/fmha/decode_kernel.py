@@ -1,7 +1,7 @@
 """TileLang split-KV decode kernel for ``flash_attn_with_kvcache`` (no append), for Hopper.
 
-``build(dtype, head_dim, paged, causal, leftpad, batch_idx, sink)`` returns an uncompiled
-``T.prim_func``. Only those static parameters and the tile configuration are baked in; batch,
+``build(dtype, head_dim, paged, causal, leftpad, batch_idx, sink, local, softcap, cp)`` returns
+an uncompiled ``T.prim_func``. Only those static parameters and the tile configuration are baked in; batch,
 seqlen_q, head counts, the cache's sizes (page count, page size, seqlen_cache), num_splits and the
 cache_seqlens values are runtime values, so one compiled kernel serves every size and every page
 size (1 included). Parameters of the prim_func, in order:
@@ -15,9 +15,13 @@ size (1 included). Parameters of the prim_func, in order:
     cache_batch_idx int32   (batch,)  cache (or page-table) row of each sequence   (batch_idx)
     cache_leftpad  int32    (batch,)  first key row of each sequence               (leftpad)
     sink           float32  (heads_q,) learnable sink logits                       (sink)
+    cp_total       int32    (batch,)  global key count of each sequence            (cp)
     out_partial    float32  (num_splits, batch, seqlen_q, heads_q, d)         contiguous, written
     lse_partial    float32  (num_splits, batch, heads_q, seqlen_q)            contiguous, written
     softmax_scale  float32
+    window_left, window_right, chunk  int32   (local; -1 / 0: unbounded)
+    softcap_value  float32                                                     (softcap)
+    cp_world_size, cp_rank            int32   (cp)
 
 When a static flag is off its tensor is not read (the host passes any int32 / float32 1-D
 tensor, e.g. cache_seqlens itself), so no dummy is allocated per call.
@@ -26,8 +30,12 @@ Semantics (FlashAttention-3): sequence b reads cache row c = cache_batch_idx[b] 
 has seqlen_k = cache_seqlens[b] - cache_leftpad[b] keys: key j is cache row leftpad + j, i.e.
 dense k[c, leftpad + j] or paged k[page_table[c, (leftpad + j) // page_size], (leftpad + j) %
 page_size]. Query head h reads kv head h // (heads_q // heads_k). Causal is bottom-right aligned:
-query i sees key j when j <= seqlen_k - seqlen_q + i. Scores are softmax_scale * q.k. A learnable
-sink adds exp(sink[h]) to the softmax denominator only.
+query i sits at position i + seqlen_k - seqlen_q and key j at j (with context parallelism, key j
+at j * cp_world_size + cp_rank and queries aligned to cp_total[b]); causal: key position <= query
+position; local: query position - window_left <= key position <= query position + window_right,
+and both in the same attention_chunk. Scores are softmax_scale * q.k, then softcap *
+tanh(scores / softcap). A learnable sink adds exp(sink[h]) to the softmax denominator only. Each
+tile walks only the key blocks its rows can see (a window of 128 keys reads ~2 blocks).
 
 Work split: grid (num_splits, batch, heads_k * row_blocks). GQA is packed: the seqlen_q * group
 query rows of one kv head (row r = query i * group + head offset g, group = heads_q // heads_k)
@@ -69,6 +77,7 @@ BLOCK_M = 64
 THREADS = 128
 CHUNK = 8  # elements per 16-byte cp.async
 MAX_SPLITS = 128  # combine_kernel's scale table holds 256
+UNBOUNDED = 1 << 30  # a key position bound no sequence reaches
 
 
 def default_config(head_dim: int) -> tuple[int, int]:
@@ -84,7 +93,8 @@ def default_config(head_dim: int) -> tuple[int, int]:
 
 
 def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False, batch_idx: bool = False,
-          sink: bool = False, block_n: int | None = None, stages: int | None = None):
+          sink: bool = False, local: bool = False, softcap: bool = False, cp: bool = False,
+          block_n: int | None = None, stages: int | None = None):
     """Build the decode prim_func (not compiled). See the module docstring."""
     dtype = str(dtype).replace("torch.", "")
     if dtype not in DTYPES:
@@ -107,7 +117,23 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
 
     batch, seqlen_q, heads_q, heads_k, num_splits = T.dynamic("batch, seqlen_q, heads_q, heads_k, num_splits")
     kv0, kv1, cache_rows, max_pages = T.dynamic("kv0, kv1, cache_rows, max_pages")
-    n_idx, n_pad, n_sink = T.dynamic("n_idx, n_pad, n_sink")
+    n_idx, n_pad, n_sink, n_tot = T.dynamic("n_idx, n_pad, n_sink, n_tot")
+
+    # Visible key positions of the query at position qpos: [lowest(qpos), highest(qpos)], both
+    # non-decreasing in qpos, so a tile's keys lie between its first query's lowest and its last
+    # query's highest. Windows of -1 and chunk 0 are unbounded.
+    def highest(qpos, window_right, chunk):
+        hi = qpos if causal else UNBOUNDED
+        if local:
+            hi = T.if_then_else(window_right >= 0, T.min(hi, qpos + window_right), hi)
+            hi = T.if_then_else(chunk > 0, T.min(hi, T.floordiv(qpos, T.max(chunk, 1)) * chunk + chunk - 1), hi)
+        return hi
+
+    def lowest(qpos, window_left, chunk):
+        if not local:
+            return -UNBOUNDED
+        lo = T.if_then_else(window_left >= 0, qpos - window_left, -UNBOUNDED)
+        return T.if_then_else(chunk > 0, T.max(lo, T.floordiv(qpos, T.max(chunk, 1)) * chunk), lo)
 
     @T.macro
     def look_up_pages(pages, slots, page_table, cache_row, first_key, last_key, blk, my_row, page_size):
@@ -140,8 +166,8 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
         T.ptx_commit_group()
 
     @T.macro
-    def body(q, k, v, page_table, cache_seqlens, cache_batch_idx, cache_leftpad, sinks, out_partial, lse_partial,
-             softmax_scale):
+    def body(q, k, v, page_table, cache_seqlens, cache_batch_idx, cache_leftpad, sinks, cp_total, out_partial,
+             lse_partial, softmax_scale, window_left, window_right, chunk, softcap_value, cp_world_size, cp_rank):
         with T.Kernel(num_splits, batch, heads_k * T.ceildiv(seqlen_q * (heads_q // heads_k), bm),
                       threads=THREADS) as (bs, bb, bz):
             q_s = T.alloc_shared((bm, D), dtype)
@@ -155,6 +181,8 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
             alpha = T.alloc_fragment((bm,), acc)
             rs = T.alloc_fragment((bm,), acc)
             row_sum = T.alloc_fragment((bm,), acc)
+            row_lo = T.alloc_fragment((bm,), "int32")  # visible key positions of each row
+            row_hi = T.alloc_fragment((bm,), "int32")
             pages = T.alloc_local((passes,), "int32")  # this thread's rows in the next block to issue:
             slots = T.alloc_local((passes,), "int32")  # their pages and rows within the page
 
@@ -168,11 +196,26 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
             cache_row = T.alloc_var("int32", init=cache_batch_idx[bb] if batch_idx else bb)
             first_key = T.alloc_var("int32", init=cache_leftpad[bb] if leftpad else 0)
             seqlen_k = T.alloc_var("int32", init=cache_seqlens[bb] - first_key)
-            off = T.alloc_var("int32", init=seqlen_k - seqlen_q)
-            n_blocks = T.alloc_var("int32", init=T.ceildiv(T.max(seqlen_k, 0), bn))
+            # Query q sits at position q + q_off; key j at j * cp_world_size + cp_rank with context
+            # parallelism (queries then align to the global key count), else at j.
+            q_off = T.alloc_var("int32", init=(cp_total[bb] if cp else seqlen_k) - seqlen_q)
+            tile_lo = T.alloc_var("int32", init=lowest(r0 // group + q_off, window_left, chunk))
+            tile_hi = T.alloc_var("int32", init=highest((T.min(r0 + bm, rows) - 1) // group + q_off, window_right,
+                                                        chunk))
+            if cp:
+                key_lo = T.alloc_var("int32", init=T.ceildiv(T.max(tile_lo - cp_rank, 0), cp_world_size))
+                key_hi = T.alloc_var("int32", init=T.if_then_else(
+                    tile_hi < cp_rank, -1, T.min(T.truncdiv(tile_hi - cp_rank, cp_world_size), seqlen_k - 1)))
+            else:
+                key_lo = T.alloc_var("int32", init=T.max(tile_lo, 0))
+                key_hi = T.alloc_var("int32", init=T.min(tile_hi, seqlen_k - 1))
+            # The tile's key blocks [blk_first, blk_first + n_blocks), dealt out to the splits.
+            blk_first = T.alloc_var("int32", init=T.truncdiv(key_lo, bn))
+            n_blocks = T.alloc_var("int32", init=T.if_then_else(key_hi >= key_lo,
+                                                                T.truncdiv(key_hi, bn) - blk_first + 1, 0))
             per = T.alloc_var("int32", init=T.ceildiv(n_blocks, num_splits))
-            blk_lo = T.alloc_var("int32", init=T.min(bs * per, n_blocks))
-            blk_end = T.alloc_var("int32", init=T.min(blk_lo + per, n_blocks))
+            blk_lo = T.alloc_var("int32", init=blk_first + T.min(bs * per, n_blocks))
+            blk_end = T.alloc_var("int32", init=blk_first + T.min(bs * per + per, n_blocks))
             empty = blk_end <= blk_lo
             nb = T.alloc_var("int32", init=T.max(blk_end - blk_lo, 1))
             # Last valid key row (the first row when the sequence is empty: it exists, and every
@@ -189,6 +232,8 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
                                            T.cast(0, dtype))
             T.fill(o, 0)
             for i in T.Parallel(bm):
+                row_lo[i] = lowest((r0 + i) // group + q_off, window_left, chunk)
+                row_hi[i] = highest((r0 + i) // group + q_off, window_right, chunk)
                 if sink:
                     # Split 0 starts from the sink's score: max = sink / scale (raw units), sum 1.
                     head = kh * group + (r0 + i) % group
@@ -221,9 +266,10 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
                        policy=T.GemmWarpPolicy.FullRow)
                 for i, j in T.Parallel(bm, bn):
                     key = n0 + j
-                    ok = T.Not(empty) and key < seqlen_k
-                    if causal:
-                        ok = ok and key <= off + (r0 + i) // group
+                    position = key * cp_world_size + cp_rank if cp else key
+                    ok = T.Not(empty) and key < seqlen_k and position >= row_lo[i] and position <= row_hi[i]
+                    if softcap:  # in raw-score units: softcap * tanh(scaled / softcap) / scale
+                        s[i, j] = T.tanh(s[i, j] * (softmax_scale / softcap_value)) * (softcap_value / softmax_scale)
                     s[i, j] = T.if_then_else(ok, s[i, j], NEG_INF)
                 T.copy(m, m_prev)
                 T.reduce_max(s, m, dim=1, clear=False)
@@ -264,13 +310,15 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
             cache_batch_idx: T.Tensor((n_idx,), "int32"),
             cache_leftpad: T.Tensor((n_pad,), "int32"),
             sinks: T.Tensor((n_sink,), acc),
+            cp_total: T.Tensor((n_tot,), "int32"),
             out_partial: T.Tensor((num_splits, batch, seqlen_q, heads_q, D), acc),
             lse_partial: T.Tensor((num_splits, batch, heads_q, seqlen_q), acc),
-            softmax_scale: T.float32,
+            softmax_scale: T.float32, window_left: T.int32, window_right: T.int32, chunk: T.int32,
+            softcap_value: T.float32, cp_world_size: T.int32, cp_rank: T.int32,
         ):
             T.annotate_pass_configs(PASS_CONFIGS)
-            body(q, k, v, page_table, cache_seqlens, cache_batch_idx, cache_leftpad, sinks, out_partial,
-                 lse_partial, softmax_scale)
+            body(q, k, v, page_table, cache_seqlens, cache_batch_idx, cache_leftpad, sinks, cp_total, out_partial,
+                 lse_partial, softmax_scale, window_left, window_right, chunk, softcap_value, cp_world_size, cp_rank)
 
         return flash_attn_decode_paged
 
@@ -283,13 +331,15 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
         cache_batch_idx: T.Tensor((n_idx,), "int32"),
         cache_leftpad: T.Tensor((n_pad,), "int32"),
         sinks: T.Tensor((n_sink,), acc),
+        cp_total: T.Tensor((n_tot,), "int32"),
         out_partial: T.Tensor((num_splits, batch, seqlen_q, heads_q, D), acc),
         lse_partial: T.Tensor((num_splits, batch, heads_q, seqlen_q), acc),
-        softmax_scale: T.float32,
+        softmax_scale: T.float32, window_left: T.int32, window_right: T.int32, chunk: T.int32,
+        softcap_value: T.float32, cp_world_size: T.int32, cp_rank: T.int32,
     ):
         T.annotate_pass_configs(PASS_CONFIGS)
-        body(q, k, v, None, cache_seqlens, cache_batch_idx, cache_leftpad, sinks, out_partial, lse_partial,
-             softmax_scale)
+        body(q, k, v, None, cache_seqlens, cache_batch_idx, cache_leftpad, sinks, cp_total, out_partial,
+             lse_partial, softmax_scale, window_left, window_right, chunk, softcap_value, cp_world_size, cp_rank)
 
     return flash_attn_decode
 
@@ -325,14 +375,19 @@ def num_splits_heuristic(batch: int, heads_k: int, row_blocks: int, max_seqlen_k
 
 
 def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, out, softmax_lse,
-           num_splits: int = 0, kernel=None, cache_batch_idx=None, cache_leftpad=None, learnable_sink=None) -> None:
+           num_splits: int = 0, kernel=None, cache_batch_idx=None, cache_leftpad=None, learnable_sink=None,
+           window: tuple[int, int] = (-1, -1), attention_chunk: int = 0, softcap: float = 0.0,
+           cp_world_size: int = 1, cp_rank: int = 0, cp_tot_seqused_k=None) -> None:
     """Split kernel + combine on torch tensors; no host sync (CUDA-graph capturable).
 
     q (batch, seqlen_q, heads_q, d); k / v the dense or paged cache (see the module docstring);
     page_table int32 (batch_cache, max_pages) or None; seqused_k int32 (batch,) or None (every
     cached key); cache_batch_idx / cache_leftpad int32 (batch,) or None; learnable_sink (heads_q,)
-    or None; out (batch, seqlen_q, heads_q, d) and softmax_lse (batch, heads_q, seqlen_q) written
-    in place. num_splits <= 0 picks the count from static sizes.
+    or None; window (left, right), -1 unbounded, on top of causal; attention_chunk (0: none);
+    softcap (0: none); context parallelism: this rank's key j is global key j * cp_world_size +
+    cp_rank and queries align to cp_tot_seqused_k (batch,). out (batch, seqlen_q, heads_q, d) and
+    softmax_lse (batch, heads_q, seqlen_q) are written in place. num_splits <= 0 picks the count
+    from static sizes.
     """
     import torch
 
@@ -347,15 +402,25 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
     device = q.device
     paged = page_table is not None
     info = platform.device_info(device)
+    left, right = int(window[0]), int(window[1])
+    cp = cp_world_size > 1
     if kernel is None:
         var = {"dtype": q.dtype, "head_dim": d, "paged": paged, "causal": bool(causal),
                "leftpad": cache_leftpad is not None, "batch_idx": cache_batch_idx is not None,
-               "sink": learnable_sink is not None}
+               "sink": learnable_sink is not None,
+               "local": left >= 0 or (right >= 0 and not causal) or attention_chunk > 0,
+               "softcap": softcap > 0, "cp": cp}
         kernel = jit.get_kernel(DECODE.name, var, info.tilelang_target, DECODE.build)
     max_seqlen_k = page_table.shape[1] * k.shape[1] if paged else k.shape[1]
+    # Keys a query can see at most, for the split count (a window or chunk bounds them).
+    span = max_seqlen_k
+    if left >= 0:
+        span = min(span, left + seqlen_q + max(right, 0))
+    if attention_chunk > 0:
+        span = min(span, attention_chunk + seqlen_q)
     rows = seqlen_q * (heads_q // heads_k)
     if num_splits <= 0:
-        num_splits = num_splits_heuristic(batch, heads_k, -(-rows // BLOCK_M), max_seqlen_k, d,
+        num_splits = num_splits_heuristic(batch, heads_k, -(-rows // BLOCK_M), -(-span // max(cp_world_size, 1)), d,
                                           info.multiprocessors)
     num_splits = max(1, min(int(num_splits), MAX_SPLITS))
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -369,8 +434,9 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
         return seqused_k if value is None else value.to(torch.int32).contiguous()
 
     sinks = lse_partial.view(-1) if learnable_sink is None else learnable_sink.to(torch.float32).contiguous()
-    tail = (seqused_k, int_vector(cache_batch_idx), int_vector(cache_leftpad), sinks, out_partial, lse_partial,
-            float(softmax_scale))
+    tail = (seqused_k, int_vector(cache_batch_idx), int_vector(cache_leftpad), sinks,
+            int_vector(cp_tot_seqused_k if cp else None), out_partial, lse_partial, float(softmax_scale), left, right,
+            int(attention_chunk), float(softcap), int(cp_world_size) if cp else 1, int(cp_rank) if cp else 0)
     if paged:
         kernel(q, k, v, page_table.to(torch.int32).contiguous(), *tail)
     else:
