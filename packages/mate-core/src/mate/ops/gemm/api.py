@@ -6,10 +6,12 @@ FP8 operands are (tensor, scale_factors) pairs: A fp8 e4m3 (M, K) with float32 s
 (N / 128, K / 128) (128 x 128 blocks) or (N, K / 128) under recipe (1, 1, 128). The nn/tn/tt
 variants take transposed operands (B as (K, N), A as (K, M), scales transposed alike).
 
-Backends: the PyTorch reference (:mod:`mate.ops.gemm.reference`) on the CPU. There is no TileLang
-GEMM kernel yet: on a GPU every call raises :class:`mate.UnsupportedError`, or runs the
-reference (with one warning) under MATE_ALLOW_REFERENCE_FALLBACK=1 or MATE_BACKEND=reference.
-What the kernels will accept is declared in :mod:`mate.ops.gemm.support`.
+Backends: the PyTorch reference (:mod:`mate.ops.gemm.reference`) on the CPU; on a GPU the TileLang
+FP8 kernel (:mod:`mate.ops.gemm.fp8_kernel`) for the FP8 NT GEMMs, dense and M-grouped (contiguous
+and masked), within the support matrices of :mod:`mate.ops.gemm.support`. Other variants (BF16,
+K-grouped, MN-major operands, per-channel B scales, float32 out / C) raise
+:class:`mate.UnsupportedError` on a GPU, or run the reference (with one warning) under
+MATE_ALLOW_REFERENCE_FALLBACK=1 or MATE_BACKEND=reference.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ only checks the arguments, maps the original `backend` names and lays the result
 
 Backends: the original names kernel libraries ("mudnn", "mubin", "mutlass"); they map to
 "tilelang" here, "auto" stays "auto" (MATE_BACKEND, then the CPU reference, or the reference on a
-GPU under MATE_ALLOW_REFERENCE_FALLBACK=1), "reference" forces the reference. There is no
-TileLang GEMM kernel yet, so a "tilelang" request raises :class:`mate.UnsupportedError`.
+GPU under MATE_ALLOW_REFERENCE_FALLBACK=1), "reference" forces the reference. The TileLang FP8
+kernel serves gemm_fp8_nt_groupwise and bmm_fp8 (as the masked M-grouped kernel, one group per
+batch) with e4m3 operands, recipe (1, 128, 128) and bf16 out; bmm_fp16 has no kernel yet.
 
 Scale tensors: a granularity of -1 means "the whole dimension" (one scale along it).
 """
