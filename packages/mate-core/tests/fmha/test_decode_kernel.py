@@ -197,6 +197,46 @@ def test_decode_masks_softcap_context_parallel(page_size, causal, num_splits, fe
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [None, 1, 64])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("num_splits", [0, 3])
+def test_decode_varlen_queries(page_size, causal, num_splits):
+    # vLLM's call: flash_attn_varlen_func with cu_seqlens_q, seqused_k and a block table.
+    dtype, d, heads_q, heads_k = torch.bfloat16, 128, 16, 2
+    gen = torch.Generator(device="cuda").manual_seed(testing.seed_for(f"decode-varlen{page_size}{causal}{num_splits}"))
+    seqlens_q = [1, 3, 0, 8, 2]
+    cu_seqlens_q = torch.tensor([0] + seqlens_q, device="cuda").cumsum(0).to(torch.int32)
+    cache_seqlens = torch.tensor([300, 9, 50, 211, 2], dtype=torch.int32, device="cuda")
+    k, v, page_table = _cache(gen, 5, 320, heads_k, d, dtype, page_size)
+    q = torch.randn(sum(seqlens_q), heads_q, d, generator=gen, device="cuda").to(dtype)
+    out = testing.poison(torch.empty_like(q))
+    lse = testing.poison(torch.empty(heads_q, q.shape[0], dtype=torch.float32, device="cuda"))
+    decode_kernel.launch(q, k, v, page_table, cache_seqlens, d ** -0.5, causal, out, lse, num_splits=num_splits,
+                         cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max(seqlens_q))
+    _check(out, lse, q, k, v, page_table=page_table, seqused_k=cache_seqlens, causal=causal,
+           cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max(seqlens_q))
+
+
+@pytest.mark.gpu
+def test_varlen_api_call_runs_the_decode_kernel(monkeypatch):
+    from mate.mha_interface import flash_attn_varlen_func
+
+    calls = []
+    launch = decode_kernel.launch
+    monkeypatch.setattr(decode_kernel, "launch", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    k, v, page_table = _cache(gen, 3, 128, 2, 128, torch.bfloat16, 16)
+    cu_seqlens_q = torch.tensor([0, 1, 2, 6], dtype=torch.int32, device="cuda")
+    seqused_k = torch.tensor([128, 17, 64], dtype=torch.int32, device="cuda")
+    q = torch.randn(6, 8, 128, generator=gen, device="cuda").to(torch.bfloat16)
+    out, lse = flash_attn_varlen_func(q, k, v, cu_seqlens_q, None, 4, 128, seqused_k=seqused_k,
+                                      page_table=page_table, causal=True, return_softmax_lse=True)
+    assert calls == [1]
+    _check(out, lse, q, k, v, page_table=page_table, seqused_k=seqused_k, causal=True, cu_seqlens_q=cu_seqlens_q,
+           max_seqlen_q=4)
+
+
+@pytest.mark.gpu
 def test_causal_rows_that_see_no_key():
     # seqlen_k < seqlen_q: the first rows see nothing (out 0, lse -inf), and many splits are empty.
     gen = torch.Generator(device="cuda").manual_seed(1)

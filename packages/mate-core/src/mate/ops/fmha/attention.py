@@ -231,10 +231,10 @@ APPEND = dispatch.register(dispatch.Op(
                           for dtype in (torch.bfloat16, torch.float16) for d, dv in APPEND_HEAD_DIMS]))
 
 
-# The split-KV decode kernel (mate.ops.fmha.decode_kernel): flash_attn_with_kvcache without
-# appends, dense or paged cache (any page size), 1-8 queries per sequence, GQA packed.
+# The split-KV decode kernel (mate.ops.fmha.decode_kernel): 1-8 queries per sequence (fixed or
+# varlen) over a dense or paged cache (any page size), GQA packed; appends run before it.
 DECODE_MAX_SEQLEN_Q = 8
-DECODE_FEATURES_OFF = ("varlen_q", "append_kv", "rotary", "qv")
+DECODE_FEATURES_OFF = ("append_kv", "rotary", "qv")
 
 
 def _build_decode(*, dtype: torch.dtype, head_dim: int, paged: bool, causal: bool, **flags):
@@ -268,25 +268,27 @@ DECODE = dispatch.register(dispatch.Op(
     support=dispatch.Support({"dtype": (torch.float16, torch.bfloat16), "head_dim": (64, 128, 256),
                               "paged": (False, True), "causal": (False, True), "leftpad": (False, True),
                               "batch_idx": (False, True), "sink": (False, True), "local": (False, True),
-                              "softcap": (False, True), "cp": (False, True)}),
+                              "softcap": (False, True), "cp": (False, True), "varlen_q": (False, True)}),
     build=_build_decode, check_case=_decode_check_case, tolerance=_fwd_tolerance,
     aot_variants=lambda: [{"dtype": dtype, "head_dim": d, "paged": paged, "causal": causal, "leftpad": False,
-                           "batch_idx": False, "sink": False, "local": False, "softcap": False, "cp": False}
+                           "batch_idx": False, "sink": False, "local": False, "softcap": False, "cp": False,
+                           "varlen_q": False}
                           for dtype in (torch.bfloat16, torch.float16) for d in (64, 128, 256)
                           for paged in (False, True) for causal in (False, True)]))
 
 
 def _decode_variant(variant: dict, args: dict[str, Any]) -> dict | None:
     """The decode kernel's variant for a call it can serve (else None: the prefill path decides)."""
-    q = args["q"]
-    if (q.dim() != 4 or q.shape[1] > DECODE_MAX_SEQLEN_Q or variant["head_dim"] != variant["head_dim_v"]
+    q, varlen_q = args["q"], args["cu_seqlens_q"] is not None
+    few_queries = (args["max_seqlen_q"] if varlen_q else q.shape[1]) <= DECODE_MAX_SEQLEN_Q
+    if (q.dim() != (3 if varlen_q else 4) or not few_queries or variant["head_dim"] != variant["head_dim_v"]
             or q.shape[-1] != variant["head_dim"] or any(variant[name] for name in DECODE_FEATURES_OFF)
             or args["cu_seqlens_k"] is not None or args["seqused_q"] is not None):
         return None
     return {"dtype": variant["dtype"], "head_dim": variant["head_dim"], "paged": variant["paged_kv"],
             "causal": variant["causal"], "leftpad": variant["leftpad_k"], "batch_idx": variant["kv_batch_idx"],
             "sink": variant["learnable_sink"], "local": variant["local"], "softcap": variant["softcap"],
-            "cp": variant["context_parallel"]}
+            "cp": variant["context_parallel"], "varlen_q": varlen_q}
 
 
 def select_backend(variant: dict, device: torch.device, backend: str = "auto") -> str:
@@ -466,7 +468,8 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Te
                              learnable_sink=learnable_sink,
                              window=(window_size_left, 0 if causal else window_size_right) if is_local else (-1, -1),
                              attention_chunk=attention_chunk, softcap=softcap, cp_world_size=cp_world_size,
-                             cp_rank=cp_rank, cp_tot_seqused_k=cp_tot_seqused_k)
+                             cp_rank=cp_rank, cp_tot_seqused_k=cp_tot_seqused_k, cu_seqlens_q=cu_seqlens_q,
+                             max_seqlen_q=max_seqlen_q)
         return
     if select_backend(variant, q.device, backend) == "tilelang":
         _launch_kernel(variant, args)

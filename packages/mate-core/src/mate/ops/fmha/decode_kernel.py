@@ -1,28 +1,33 @@
-"""TileLang split-KV decode kernel for ``flash_attn_with_kvcache`` (no append), for Hopper.
+"""TileLang split-KV decode kernel for ``flash_attn_with_kvcache`` and paged / varlen-query
+``flash_attn_varlen_func`` calls with few queries per sequence, for Hopper.
 
-``build(dtype, head_dim, paged, causal, leftpad, batch_idx, sink, local, softcap, cp)`` returns
-an uncompiled ``T.prim_func``. Only those static parameters and the tile configuration are baked in; batch,
-seqlen_q, head counts, the cache's sizes (page count, page size, seqlen_cache), num_splits and the
-cache_seqlens values are runtime values, so one compiled kernel serves every size and every page
-size (1 included). Parameters of the prim_func, in order:
+``build(dtype, head_dim, paged, causal, leftpad, batch_idx, sink, local, softcap, cp, varlen_q)``
+returns an uncompiled ``T.prim_func``. Only those static parameters and the tile configuration
+are baked in; batch, query counts, head counts, the cache's sizes (page count, page size,
+seqlen_cache), num_splits and the cache_seqlens values are runtime values, so one compiled kernel
+serves every size and every page size (1 included). Parameters of the prim_func, in order:
 
-    q              dtype    (batch, seqlen_q, heads_q, d)                     contiguous
+    q              dtype    (total_q, heads_q, d): queries of all sequences   contiguous
     k              dtype    paged: (num_pages, page_size, heads_k, d)         contiguous
                             dense: (batch_cache, seqlen_cache, heads_k, d)    contiguous
     v              dtype    same shape as k                                   contiguous
     page_table     int32    (batch_cache, max_pages)   (paged only)           contiguous
+    cu_seqlens_q   int32    (batch + 1,) query rows of each sequence           (varlen_q)
     cache_seqlens  int32    (batch,)  end of each sequence's keys (seqused_k)
     cache_batch_idx int32   (batch,)  cache (or page-table) row of each sequence   (batch_idx)
     cache_leftpad  int32    (batch,)  first key row of each sequence               (leftpad)
     sink           float32  (heads_q,) learnable sink logits                       (sink)
     cp_total       int32    (batch,)  global key count of each sequence            (cp)
-    out_partial    float32  (num_splits, batch, seqlen_q, heads_q, d)         contiguous, written
-    lse_partial    float32  (num_splits, batch, heads_q, seqlen_q)            contiguous, written
+    out_partial    float32  (num_splits, total_q, heads_q, d)                 contiguous, written
+    lse_partial    float32  (num_splits, heads_q, total_q)                    contiguous, written
+    max_seqlen_q   int32    queries per sequence (the most, with varlen_q)
     softmax_scale  float32
     window_left, window_right, chunk  int32   (local; -1 / 0: unbounded)
     softcap_value  float32                                                     (softcap)
     cp_world_size, cp_rank            int32   (cp)
 
+Without varlen_q, sequence b's queries are rows b * max_seqlen_q ... of q (a (batch, seqlen_q,
+...) tensor viewed flat).
 When a static flag is off its tensor is not read (the host passes any int32 / float32 1-D
 tensor, e.g. cache_seqlens itself), so no dummy is allocated per call.
 
@@ -39,9 +44,10 @@ tile walks only the key blocks its rows can see (a window of 128 keys reads ~2 b
 
 Work split: grid (num_splits, batch, heads_k * row_blocks). GQA is packed: the seqlen_q * group
 query rows of one kv head (row r = query i * group + head offset g, group = heads_q // heads_k)
-share one tile of block_m = 64 rows (row_blocks = ceil(seqlen_q * group / 64) tiles when there
-are more). The key blocks of block_n keys of a sequence, n_blocks = ceil(seqlen_k / block_n), are
-dealt in contiguous runs of ceil(n_blocks / num_splits) blocks: split s takes blocks
+share one tile of block_m = 64 rows (row_blocks = ceil(max_seqlen_q * group / 64) tiles when
+there are more; tiles past a shorter sequence's rows write nothing). The n_blocks key blocks of
+block_n keys that a tile's rows can see are dealt in contiguous runs of ceil(n_blocks /
+num_splits) blocks: split s takes the tile's blocks
 [s * per, min((s + 1) * per, n_blocks)). Each split writes its normalized partial output and
 its lse (natural log) for its rows; a split with no block, or a row that sees no key of the
 split, writes out 0 and lse -inf, so ``combine_kernel`` gives it weight 0. The sink joins split 0
@@ -93,7 +99,7 @@ def default_config(head_dim: int) -> tuple[int, int]:
 
 
 def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False, batch_idx: bool = False,
-          sink: bool = False, local: bool = False, softcap: bool = False, cp: bool = False,
+          sink: bool = False, local: bool = False, softcap: bool = False, cp: bool = False, varlen_q: bool = False,
           block_n: int | None = None, stages: int | None = None):
     """Build the decode prim_func (not compiled). See the module docstring."""
     dtype = str(dtype).replace("torch.", "")
@@ -115,9 +121,9 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
     acc = "float32"
     NEG_INF = -T.infinity(acc)
 
-    batch, seqlen_q, heads_q, heads_k, num_splits = T.dynamic("batch, seqlen_q, heads_q, heads_k, num_splits")
+    batch, total_q, heads_q, heads_k, num_splits = T.dynamic("batch, total_q, heads_q, heads_k, num_splits")
     kv0, kv1, cache_rows, max_pages = T.dynamic("kv0, kv1, cache_rows, max_pages")
-    n_idx, n_pad, n_sink, n_tot = T.dynamic("n_idx, n_pad, n_sink, n_tot")
+    n_idx, n_pad, n_sink, n_tot, n_cu = T.dynamic("n_idx, n_pad, n_sink, n_tot, n_cu")
 
     # Visible key positions of the query at position qpos: [lowest(qpos), highest(qpos)], both
     # non-decreasing in qpos, so a tile's keys lie between its first query's lowest and its last
@@ -166,9 +172,10 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
         T.ptx_commit_group()
 
     @T.macro
-    def body(q, k, v, page_table, cache_seqlens, cache_batch_idx, cache_leftpad, sinks, cp_total, out_partial,
-             lse_partial, softmax_scale, window_left, window_right, chunk, softcap_value, cp_world_size, cp_rank):
-        with T.Kernel(num_splits, batch, heads_k * T.ceildiv(seqlen_q * (heads_q // heads_k), bm),
+    def body(q, k, v, page_table, cu_seqlens_q, cache_seqlens, cache_batch_idx, cache_leftpad, sinks, cp_total,
+             out_partial, lse_partial, max_seqlen_q, softmax_scale, window_left, window_right, chunk, softcap_value,
+             cp_world_size, cp_rank):
+        with T.Kernel(num_splits, batch, heads_k * T.ceildiv(max_seqlen_q * (heads_q // heads_k), bm),
                       threads=THREADS) as (bs, bb, bz):
             q_s = T.alloc_shared((bm, D), dtype)
             k_s = T.alloc_shared((ring, bn, D), dtype)
@@ -189,8 +196,11 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
             # Per-CTA scalars in int32 registers (keeps the index expressions small).
             tx = T.get_thread_binding()
             group = T.alloc_var("int32", init=heads_q // heads_k)
+            row_blocks = T.alloc_var("int32", init=T.ceildiv(max_seqlen_q * group, bm))
+            # This sequence's queries: rows q_start .. q_start + seqlen_q - 1 of the flat q.
+            q_start = T.alloc_var("int32", init=cu_seqlens_q[bb] if varlen_q else bb * max_seqlen_q)
+            seqlen_q = T.alloc_var("int32", init=cu_seqlens_q[bb + 1] - q_start if varlen_q else max_seqlen_q)
             rows = T.alloc_var("int32", init=seqlen_q * group)
-            row_blocks = T.alloc_var("int32", init=T.ceildiv(rows, bm))
             kh = T.alloc_var("int32", init=bz // row_blocks)
             r0 = T.alloc_var("int32", init=(bz % row_blocks) * bm)
             cache_row = T.alloc_var("int32", init=cache_batch_idx[bb] if batch_idx else bb)
@@ -228,7 +238,7 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
             # Q tile: row r -> (query i = r // group, head kh * group + r % group); padding rows 0.
             for i, j in T.Parallel(bm, D):
                 r = r0 + i
-                q_s[i, j] = T.if_then_else(r < rows, q[bb, r // group, kh * group + r % group, j],
+                q_s[i, j] = T.if_then_else(r < rows, q[q_start + r // group, kh * group + r % group, j],
                                            T.cast(0, dtype))
             T.fill(o, 0)
             for i in T.Parallel(bm):
@@ -291,55 +301,59 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
             for i, j in T.Parallel(bm, D):
                 r = r0 + i
                 if r < rows:
-                    out_partial[bs, bb, r // group, kh * group + r % group, j] = T.if_then_else(
+                    out_partial[bs, q_start + r // group, kh * group + r % group, j] = T.if_then_else(
                         row_sum[i] > 0, o[i, j] / row_sum[i], 0)
             for i in T.Parallel(bm):
                 r = r0 + i
                 if r < rows:
-                    lse_partial[bs, bb, kh * group + r % group, r // group] = T.if_then_else(
+                    lse_partial[bs, kh * group + r % group, q_start + r // group] = T.if_then_else(
                         row_sum[i] > 0, (m[i] * cs + T.log2(row_sum[i])) * LN2, NEG_INF)
 
     if paged:
         @T.prim_func
         def flash_attn_decode_paged(
-            q: T.Tensor((batch, seqlen_q, heads_q, D), dtype),
+            q: T.Tensor((total_q, heads_q, D), dtype),
             k: T.Tensor((kv0, kv1, heads_k, D), dtype),
             v: T.Tensor((kv0, kv1, heads_k, D), dtype),
             page_table: T.Tensor((cache_rows, max_pages), "int32"),
+            cu_seqlens_q: T.Tensor((n_cu,), "int32"),
             cache_seqlens: T.Tensor((batch,), "int32"),
             cache_batch_idx: T.Tensor((n_idx,), "int32"),
             cache_leftpad: T.Tensor((n_pad,), "int32"),
             sinks: T.Tensor((n_sink,), acc),
             cp_total: T.Tensor((n_tot,), "int32"),
-            out_partial: T.Tensor((num_splits, batch, seqlen_q, heads_q, D), acc),
-            lse_partial: T.Tensor((num_splits, batch, heads_q, seqlen_q), acc),
-            softmax_scale: T.float32, window_left: T.int32, window_right: T.int32, chunk: T.int32,
-            softcap_value: T.float32, cp_world_size: T.int32, cp_rank: T.int32,
+            out_partial: T.Tensor((num_splits, total_q, heads_q, D), acc),
+            lse_partial: T.Tensor((num_splits, heads_q, total_q), acc),
+            max_seqlen_q: T.int32, softmax_scale: T.float32, window_left: T.int32, window_right: T.int32,
+            chunk: T.int32, softcap_value: T.float32, cp_world_size: T.int32, cp_rank: T.int32,
         ):
             T.annotate_pass_configs(PASS_CONFIGS)
-            body(q, k, v, page_table, cache_seqlens, cache_batch_idx, cache_leftpad, sinks, cp_total, out_partial,
-                 lse_partial, softmax_scale, window_left, window_right, chunk, softcap_value, cp_world_size, cp_rank)
+            body(q, k, v, page_table, cu_seqlens_q, cache_seqlens, cache_batch_idx, cache_leftpad, sinks, cp_total,
+                 out_partial, lse_partial, max_seqlen_q, softmax_scale, window_left, window_right, chunk,
+                 softcap_value, cp_world_size, cp_rank)
 
         return flash_attn_decode_paged
 
     @T.prim_func
     def flash_attn_decode(
-        q: T.Tensor((batch, seqlen_q, heads_q, D), dtype),
+        q: T.Tensor((total_q, heads_q, D), dtype),
         k: T.Tensor((kv0, kv1, heads_k, D), dtype),
         v: T.Tensor((kv0, kv1, heads_k, D), dtype),
+        cu_seqlens_q: T.Tensor((n_cu,), "int32"),
         cache_seqlens: T.Tensor((batch,), "int32"),
         cache_batch_idx: T.Tensor((n_idx,), "int32"),
         cache_leftpad: T.Tensor((n_pad,), "int32"),
         sinks: T.Tensor((n_sink,), acc),
         cp_total: T.Tensor((n_tot,), "int32"),
-        out_partial: T.Tensor((num_splits, batch, seqlen_q, heads_q, D), acc),
-        lse_partial: T.Tensor((num_splits, batch, heads_q, seqlen_q), acc),
-        softmax_scale: T.float32, window_left: T.int32, window_right: T.int32, chunk: T.int32,
+        out_partial: T.Tensor((num_splits, total_q, heads_q, D), acc),
+        lse_partial: T.Tensor((num_splits, heads_q, total_q), acc),
+        max_seqlen_q: T.int32, softmax_scale: T.float32, window_left: T.int32, window_right: T.int32, chunk: T.int32,
         softcap_value: T.float32, cp_world_size: T.int32, cp_rank: T.int32,
     ):
         T.annotate_pass_configs(PASS_CONFIGS)
-        body(q, k, v, None, cache_seqlens, cache_batch_idx, cache_leftpad, sinks, cp_total, out_partial,
-             lse_partial, softmax_scale, window_left, window_right, chunk, softcap_value, cp_world_size, cp_rank)
+        body(q, k, v, None, cu_seqlens_q, cache_seqlens, cache_batch_idx, cache_leftpad, sinks, cp_total,
+             out_partial, lse_partial, max_seqlen_q, softmax_scale, window_left, window_right, chunk, softcap_value,
+             cp_world_size, cp_rank)
 
     return flash_attn_decode
 
@@ -377,17 +391,19 @@ def num_splits_heuristic(batch: int, heads_k: int, row_blocks: int, max_seqlen_k
 def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, out, softmax_lse,
            num_splits: int = 0, kernel=None, cache_batch_idx=None, cache_leftpad=None, learnable_sink=None,
            window: tuple[int, int] = (-1, -1), attention_chunk: int = 0, softcap: float = 0.0,
-           cp_world_size: int = 1, cp_rank: int = 0, cp_tot_seqused_k=None) -> None:
+           cp_world_size: int = 1, cp_rank: int = 0, cp_tot_seqused_k=None, cu_seqlens_q=None,
+           max_seqlen_q: int | None = None) -> None:
     """Split kernel + combine on torch tensors; no host sync (CUDA-graph capturable).
 
-    q (batch, seqlen_q, heads_q, d); k / v the dense or paged cache (see the module docstring);
-    page_table int32 (batch_cache, max_pages) or None; seqused_k int32 (batch,) or None (every
-    cached key); cache_batch_idx / cache_leftpad int32 (batch,) or None; learnable_sink (heads_q,)
-    or None; window (left, right), -1 unbounded, on top of causal; attention_chunk (0: none);
-    softcap (0: none); context parallelism: this rank's key j is global key j * cp_world_size +
-    cp_rank and queries align to cp_tot_seqused_k (batch,). out (batch, seqlen_q, heads_q, d) and
-    softmax_lse (batch, heads_q, seqlen_q) are written in place. num_splits <= 0 picks the count
-    from static sizes.
+    q (batch, seqlen_q, heads_q, d), or (total_q, heads_q, d) with cu_seqlens_q (batch + 1,) int32
+    and max_seqlen_q; k / v the dense or paged cache (see the module docstring); page_table int32
+    (batch_cache, max_pages) or None; seqused_k int32 (batch,) or None (every cached key);
+    cache_batch_idx / cache_leftpad int32 (batch,) or None; learnable_sink (heads_q,) or None;
+    window (left, right), -1 unbounded, on top of causal; attention_chunk (0: none); softcap (0:
+    none); context parallelism: this rank's key j is global key j * cp_world_size + cp_rank and
+    queries align to cp_tot_seqused_k (batch,). out (shaped like q) and softmax_lse ((batch,
+    heads_q, seqlen_q), or (heads_q, total_q) with cu_seqlens_q) are written in place.
+    num_splits <= 0 picks the count from static sizes.
     """
     import torch
 
@@ -395,9 +411,15 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
     from mate.ops.fmha.api import _combine
     from mate.ops.fmha.attention import DECODE
 
-    batch, seqlen_q, heads_q, d = q.shape
+    varlen_q = cu_seqlens_q is not None
+    heads_q, d = q.shape[-2:]
     heads_k = k.shape[2]
-    if batch == 0 or seqlen_q == 0 or heads_q == 0:
+    if varlen_q:
+        batch, total_q, seqlen_q = cu_seqlens_q.shape[0] - 1, q.shape[0], int(max_seqlen_q)
+    else:
+        batch, seqlen_q = q.shape[:2]
+        total_q = batch * seqlen_q
+    if batch == 0 or total_q == 0 or seqlen_q == 0 or heads_q == 0:
         return
     device = q.device
     paged = page_table is not None
@@ -409,7 +431,7 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
                "leftpad": cache_leftpad is not None, "batch_idx": cache_batch_idx is not None,
                "sink": learnable_sink is not None,
                "local": left >= 0 or (right >= 0 and not causal) or attention_chunk > 0,
-               "softcap": softcap > 0, "cp": cp}
+               "softcap": softcap > 0, "cp": cp, "varlen_q": varlen_q}
         kernel = jit.get_kernel(DECODE.name, var, info.tilelang_target, DECODE.build)
     max_seqlen_k = page_table.shape[1] * k.shape[1] if paged else k.shape[1]
     # Keys a query can see at most, for the split count (a window or chunk bounds them).
@@ -424,8 +446,10 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
                                           info.multiprocessors)
     num_splits = max(1, min(int(num_splits), MAX_SPLITS))
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out_partial = torch.empty(num_splits, batch, seqlen_q, heads_q, d, dtype=torch.float32, device=device)
-    lse_partial = torch.empty(num_splits, batch, heads_q, seqlen_q, dtype=torch.float32, device=device)
+    # The kernel writes every query row once per split: (splits, total_q, heads, d) and its LSE
+    # (splits, heads, total_q); the combine reads them as (splits, batch, seqlen, heads, d) views.
+    out_partial = torch.empty(num_splits, total_q, heads_q, d, dtype=torch.float32, device=device)
+    lse_partial = torch.empty(num_splits, heads_q, total_q, dtype=torch.float32, device=device)
     if seqused_k is None:
         seqused_k = torch.full((batch,), max_seqlen_k, dtype=torch.int32, device=device)
     seqused_k = seqused_k.to(torch.int32).contiguous()
@@ -434,12 +458,16 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
         return seqused_k if value is None else value.to(torch.int32).contiguous()
 
     sinks = lse_partial.view(-1) if learnable_sink is None else learnable_sink.to(torch.float32).contiguous()
-    tail = (seqused_k, int_vector(cache_batch_idx), int_vector(cache_leftpad), sinks,
-            int_vector(cp_tot_seqused_k if cp else None), out_partial, lse_partial, float(softmax_scale), left, right,
-            int(attention_chunk), float(softcap), int(cp_world_size) if cp else 1, int(cp_rank) if cp else 0)
-    if paged:
-        kernel(q, k, v, page_table.to(torch.int32).contiguous(), *tail)
+    args = (q.view(total_q, heads_q, d), k, v) + ((page_table.to(torch.int32).contiguous(),) if paged else ()) + (
+        int_vector(cu_seqlens_q), seqused_k, int_vector(cache_batch_idx), int_vector(cache_leftpad), sinks,
+        int_vector(cp_tot_seqused_k if cp else None), out_partial, lse_partial, seqlen_q, float(softmax_scale), left,
+        right, int(attention_chunk), float(softcap), int(cp_world_size) if cp else 1, int(cp_rank) if cp else 0)
+    kernel(*args)
+    if varlen_q:  # one "batch" of total_q rows; the LSE is (heads, total_q)
+        _combine(out_partial.view(num_splits, 1, total_q, heads_q, d),
+                 lse_partial.view(num_splits, heads_q, 1, total_q).permute(0, 2, 3, 1),
+                 out.unsqueeze(0), softmax_lse.unsqueeze(1).permute(1, 2, 0))
     else:
-        kernel(q, k, v, *tail)
-    lse = softmax_lse.transpose(1, 2)  # (batch, seqlen_q, heads_q) view for the combine
-    _combine(out_partial, lse_partial.transpose(2, 3), out, lse)
+        _combine(out_partial.view(num_splits, batch, seqlen_q, heads_q, d),
+                 lse_partial.view(num_splits, heads_q, batch, seqlen_q).permute(0, 2, 3, 1),
+                 out, softmax_lse.transpose(1, 2))
