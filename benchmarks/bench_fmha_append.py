@@ -51,10 +51,10 @@ def main() -> None:
         full = torch.full((batch,), seqlen, dtype=torch.int32, device="cuda")
         plain = {key: value for key, value in inputs.items() if key not in ("k", "v", "rotary_cos", "rotary_sin")}
 
-        def with_append():
+        def with_append(inputs=inputs, before=before):
             return flash_attn_with_kvcache(**inputs, cache_seqlens=before, causal=True)
 
-        def attention_only():
+        def attention_only(plain=plain, full=full):
             return flash_attn_with_kvcache(**plain, cache_seqlens=full, causal=True)
 
         append_ms = bench.time_ms_graph(with_append, [()])
