@@ -200,11 +200,13 @@ def test_decode_masks_softcap_context_parallel(page_size, causal, num_splits, fe
 @pytest.mark.parametrize("page_size", [None, 1, 64])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("num_splits", [0, 3])
-def test_decode_varlen_queries(page_size, causal, num_splits):
+@pytest.mark.parametrize("mixed", [False, True])
+def test_decode_varlen_queries(page_size, causal, num_splits, mixed):
     # vLLM's call: flash_attn_varlen_func with cu_seqlens_q, seqused_k and a block table.
     dtype, d, heads_q, heads_k = torch.bfloat16, 128, 16, 2
-    gen = torch.Generator(device="cuda").manual_seed(testing.seed_for(f"decode-varlen{page_size}{causal}{num_splits}"))
-    seqlens_q = [1, 3, 0, 8, 2]
+    gen = torch.Generator(device="cuda").manual_seed(
+        testing.seed_for(f"decode-varlen{page_size}{causal}{num_splits}{mixed}"))
+    seqlens_q = [1, 3, 0, 8, 2] if not mixed else [1, 200, 0, 1, 37]  # mixed: vLLM's prefill + decode batch
     cu_seqlens_q = torch.tensor([0] + seqlens_q, device="cuda").cumsum(0).to(torch.int32)
     cache_seqlens = torch.tensor([300, 9, 50, 211, 2], dtype=torch.int32, device="cuda")
     k, v, page_table = _cache(gen, 5, 320, heads_k, d, dtype, page_size)

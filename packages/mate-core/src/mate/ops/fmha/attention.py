@@ -232,7 +232,8 @@ APPEND = dispatch.register(dispatch.Op(
 
 
 # The split-KV decode kernel (mate.ops.fmha.decode_kernel): 1-8 queries per sequence (fixed or
-# varlen) over a dense or paged cache (any page size), GQA packed; appends run before it.
+# varlen) over a dense cache, or any number over a paged cache (any page size), GQA packed;
+# appends run before it.
 DECODE_MAX_SEQLEN_Q = 8
 DECODE_FEATURES_OFF = ("append_kv", "rotary", "qv")
 
@@ -280,8 +281,10 @@ DECODE = dispatch.register(dispatch.Op(
 def _decode_variant(variant: dict, args: dict[str, Any]) -> dict | None:
     """The decode kernel's variant for a call it can serve (else None: the prefill path decides)."""
     q, varlen_q = args["q"], args["cu_seqlens_q"] is not None
+    # Paged caches always take it (any query count: the prefill kernel would need a dense copy).
     few_queries = (args["max_seqlen_q"] if varlen_q else q.shape[1]) <= DECODE_MAX_SEQLEN_Q
-    if (q.dim() != (3 if varlen_q else 4) or not few_queries or variant["head_dim"] != variant["head_dim_v"]
+    if (q.dim() != (3 if varlen_q else 4) or not (few_queries or variant["paged_kv"])
+            or variant["head_dim"] != variant["head_dim_v"]
             or q.shape[-1] != variant["head_dim"] or any(variant[name] for name in DECODE_FEATURES_OFF)
             or args["cu_seqlens_k"] is not None or args["seqused_q"] is not None):
         return None

@@ -11,7 +11,7 @@ serves every size and every page size (1 included). Parameters of the prim_func,
     k              dtype    paged: (num_pages, page_size, heads_k, d)         contiguous
                             dense: (batch_cache, seqlen_cache, heads_k, d)    contiguous
     v              dtype    same shape as k                                   contiguous
-    page_table     int32    (batch_cache, max_pages)   (paged only)           contiguous
+    page_table     int32    (batch_cache, max_pages)                          (paged)
     cu_seqlens_q   int32    (batch + 1,) query rows of each sequence           (varlen_q)
     cache_seqlens  int32    (batch,)  end of each sequence's keys (seqused_k)
     cache_batch_idx int32   (batch,)  cache (or page-table) row of each sequence   (batch_idx)
@@ -42,7 +42,7 @@ and both in the same attention_chunk. Scores are softmax_scale * q.k, then softc
 tanh(scores / softcap). A learnable sink adds exp(sink[h]) to the softmax denominator only. Each
 tile walks only the key blocks its rows can see (a window of 128 keys reads ~2 blocks).
 
-Work split: grid (num_splits, batch, heads_k * row_blocks). GQA is packed: the seqlen_q * group
+Work split: grid (tiles, num_splits, heads_k). GQA is packed: the seqlen_q * group
 query rows of one kv head (row r = query i * group + head offset g, group = heads_q // heads_k)
 share one tile of block_m = 64 rows (row_blocks = ceil(max_seqlen_q * group / 64) tiles when
 there are more; tiles past a shorter sequence's rows write nothing). The n_blocks key blocks of
@@ -123,7 +123,7 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
 
     batch, total_q, heads_q, heads_k, num_splits = T.dynamic("batch, total_q, heads_q, heads_k, num_splits")
     kv0, kv1, cache_rows, max_pages = T.dynamic("kv0, kv1, cache_rows, max_pages")
-    n_idx, n_pad, n_sink, n_tot, n_cu = T.dynamic("n_idx, n_pad, n_sink, n_tot, n_cu")
+    n_idx, n_pad, n_sink, n_tot, n_cu, n_tiles = T.dynamic("n_idx, n_pad, n_sink, n_tot, n_cu, n_tiles")
 
     # Visible key positions of the query at position qpos: [lowest(qpos), highest(qpos)], both
     # non-decreasing in qpos, so a tile's keys lie between its first query's lowest and its last
@@ -172,11 +172,10 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
         T.ptx_commit_group()
 
     @T.macro
-    def body(q, k, v, page_table, cu_seqlens_q, cache_seqlens, cache_batch_idx, cache_leftpad, sinks, cp_total,
-             out_partial, lse_partial, max_seqlen_q, softmax_scale, window_left, window_right, chunk, softcap_value,
-             cp_world_size, cp_rank):
-        with T.Kernel(num_splits, batch, heads_k * T.ceildiv(max_seqlen_q * (heads_q // heads_k), bm),
-                      threads=THREADS) as (bs, bb, bz):
+    def body(q, k, v, page_table, cu_seqlens_q, tile_seq, tile_row, cache_seqlens, cache_batch_idx, cache_leftpad,
+             sinks, cp_total, out_partial, lse_partial, tile_count, max_seqlen_q, softmax_scale, window_left,
+             window_right, chunk, softcap_value, cp_world_size, cp_rank):
+        with T.Kernel(tile_count, num_splits, heads_k, threads=THREADS) as (bt, bs, kh):
             q_s = T.alloc_shared((bm, D), dtype)
             k_s = T.alloc_shared((ring, bn, D), dtype)
             v_s = T.alloc_shared((ring, bn, D), dtype)
@@ -196,13 +195,18 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
             # Per-CTA scalars in int32 registers (keeps the index expressions small).
             tx = T.get_thread_binding()
             group = T.alloc_var("int32", init=heads_q // heads_k)
+            # Tile bt: rows r0 .. r0 + 63 of sequence bb. Fixed-length sequences have row_blocks tiles
+            # each; varlen ones read the host-made tile map (tiles past the last sequence's have bb =
+            # batch and do nothing), so a mixed prefill/decode batch launches no empty tiles.
             row_blocks = T.alloc_var("int32", init=T.ceildiv(max_seqlen_q * group, bm))
+            live = T.alloc_var("bool", init=tile_seq[bt] < batch if varlen_q else True)
+            bb = T.alloc_var("int32", init=T.if_then_else(live, tile_seq[bt], 0) if varlen_q else bt // row_blocks)
+            r0 = T.alloc_var("int32", init=tile_row[bt] if varlen_q else (bt % row_blocks) * bm)
             # This sequence's queries: rows q_start .. q_start + seqlen_q - 1 of the flat q.
             q_start = T.alloc_var("int32", init=cu_seqlens_q[bb] if varlen_q else bb * max_seqlen_q)
-            seqlen_q = T.alloc_var("int32", init=cu_seqlens_q[bb + 1] - q_start if varlen_q else max_seqlen_q)
+            seqlen_q = T.alloc_var("int32", init=T.if_then_else(live, cu_seqlens_q[bb + 1] - q_start, 0)
+                                   if varlen_q else max_seqlen_q)
             rows = T.alloc_var("int32", init=seqlen_q * group)
-            kh = T.alloc_var("int32", init=bz // row_blocks)
-            r0 = T.alloc_var("int32", init=(bz % row_blocks) * bm)
             cache_row = T.alloc_var("int32", init=cache_batch_idx[bb] if batch_idx else bb)
             first_key = T.alloc_var("int32", init=cache_leftpad[bb] if leftpad else 0)
             seqlen_k = T.alloc_var("int32", init=cache_seqlens[bb] - first_key)
@@ -221,7 +225,7 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
                 key_hi = T.alloc_var("int32", init=T.min(tile_hi, seqlen_k - 1))
             # The tile's key blocks [blk_first, blk_first + n_blocks), dealt out to the splits.
             blk_first = T.alloc_var("int32", init=T.truncdiv(key_lo, bn))
-            n_blocks = T.alloc_var("int32", init=T.if_then_else(key_hi >= key_lo,
+            n_blocks = T.alloc_var("int32", init=T.if_then_else(key_hi >= key_lo and r0 < rows,
                                                                 T.truncdiv(key_hi, bn) - blk_first + 1, 0))
             per = T.alloc_var("int32", init=T.ceildiv(n_blocks, num_splits))
             blk_lo = T.alloc_var("int32", init=blk_first + T.min(bs * per, n_blocks))
@@ -309,37 +313,15 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
                     lse_partial[bs, kh * group + r % group, q_start + r // group] = T.if_then_else(
                         row_sum[i] > 0, (m[i] * cs + T.log2(row_sum[i])) * LN2, NEG_INF)
 
-    if paged:
-        @T.prim_func
-        def flash_attn_decode_paged(
-            q: T.Tensor((total_q, heads_q, D), dtype),
-            k: T.Tensor((kv0, kv1, heads_k, D), dtype),
-            v: T.Tensor((kv0, kv1, heads_k, D), dtype),
-            page_table: T.Tensor((cache_rows, max_pages), "int32"),
-            cu_seqlens_q: T.Tensor((n_cu,), "int32"),
-            cache_seqlens: T.Tensor((batch,), "int32"),
-            cache_batch_idx: T.Tensor((n_idx,), "int32"),
-            cache_leftpad: T.Tensor((n_pad,), "int32"),
-            sinks: T.Tensor((n_sink,), acc),
-            cp_total: T.Tensor((n_tot,), "int32"),
-            out_partial: T.Tensor((num_splits, total_q, heads_q, D), acc),
-            lse_partial: T.Tensor((num_splits, heads_q, total_q), acc),
-            max_seqlen_q: T.int32, softmax_scale: T.float32, window_left: T.int32, window_right: T.int32,
-            chunk: T.int32, softcap_value: T.float32, cp_world_size: T.int32, cp_rank: T.int32,
-        ):
-            T.annotate_pass_configs(PASS_CONFIGS)
-            body(q, k, v, page_table, cu_seqlens_q, cache_seqlens, cache_batch_idx, cache_leftpad, sinks, cp_total,
-                 out_partial, lse_partial, max_seqlen_q, softmax_scale, window_left, window_right, chunk,
-                 softcap_value, cp_world_size, cp_rank)
-
-        return flash_attn_decode_paged
-
     @T.prim_func
     def flash_attn_decode(
         q: T.Tensor((total_q, heads_q, D), dtype),
         k: T.Tensor((kv0, kv1, heads_k, D), dtype),
         v: T.Tensor((kv0, kv1, heads_k, D), dtype),
+        page_table: T.Tensor((cache_rows, max_pages), "int32"),
         cu_seqlens_q: T.Tensor((n_cu,), "int32"),
+        tile_seq: T.Tensor((n_tiles,), "int32"),
+        tile_row: T.Tensor((n_tiles,), "int32"),
         cache_seqlens: T.Tensor((batch,), "int32"),
         cache_batch_idx: T.Tensor((n_idx,), "int32"),
         cache_leftpad: T.Tensor((n_pad,), "int32"),
@@ -347,13 +329,13 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
         cp_total: T.Tensor((n_tot,), "int32"),
         out_partial: T.Tensor((num_splits, total_q, heads_q, D), acc),
         lse_partial: T.Tensor((num_splits, heads_q, total_q), acc),
-        max_seqlen_q: T.int32, softmax_scale: T.float32, window_left: T.int32, window_right: T.int32, chunk: T.int32,
-        softcap_value: T.float32, cp_world_size: T.int32, cp_rank: T.int32,
+        tile_count: T.int32, max_seqlen_q: T.int32, softmax_scale: T.float32, window_left: T.int32,
+        window_right: T.int32, chunk: T.int32, softcap_value: T.float32, cp_world_size: T.int32, cp_rank: T.int32,
     ):
         T.annotate_pass_configs(PASS_CONFIGS)
-        body(q, k, v, None, cu_seqlens_q, cache_seqlens, cache_batch_idx, cache_leftpad, sinks, cp_total,
-             out_partial, lse_partial, max_seqlen_q, softmax_scale, window_left, window_right, chunk, softcap_value,
-             cp_world_size, cp_rank)
+        body(q, k, v, page_table, cu_seqlens_q, tile_seq, tile_row, cache_seqlens, cache_batch_idx, cache_leftpad,
+             sinks, cp_total, out_partial, lse_partial, tile_count, max_seqlen_q, softmax_scale, window_left,
+             window_right, chunk, softcap_value, cp_world_size, cp_rank)
 
     return flash_attn_decode
 
@@ -458,11 +440,17 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
         return seqused_k if value is None else value.to(torch.int32).contiguous()
 
     sinks = lse_partial.view(-1) if learnable_sink is None else learnable_sink.to(torch.float32).contiguous()
-    args = (q.view(total_q, heads_q, d), k, v) + ((page_table.to(torch.int32).contiguous(),) if paged else ()) + (
-        int_vector(cu_seqlens_q), seqused_k, int_vector(cache_batch_idx), int_vector(cache_leftpad), sinks,
-        int_vector(cp_tot_seqused_k if cp else None), out_partial, lse_partial, seqlen_q, float(softmax_scale), left,
-        right, int(attention_chunk), float(softcap), int(cp_world_size) if cp else 1, int(cp_rank) if cp else 0)
-    kernel(*args)
+    table = page_table.to(torch.int32).contiguous() if paged else seqused_k.view(1, -1)  # not read when dense
+    if varlen_q:
+        tile_seq, tile_row = _varlen_tiles(cu_seqlens_q.to(torch.int32), heads_q // heads_k, total_q)
+        tile_count = tile_seq.shape[0]
+    else:
+        tile_seq = tile_row = seqused_k
+        tile_count = batch * -(-rows // BLOCK_M)
+    kernel(q.view(total_q, heads_q, d), k, v, table, int_vector(cu_seqlens_q), tile_seq, tile_row, seqused_k,
+           int_vector(cache_batch_idx), int_vector(cache_leftpad), sinks, int_vector(cp_tot_seqused_k if cp else None),
+           out_partial, lse_partial, tile_count, seqlen_q, float(softmax_scale), left, right, int(attention_chunk),
+           float(softcap), int(cp_world_size) if cp else 1, int(cp_rank) if cp else 0)
     if varlen_q:  # one "batch" of total_q rows; the LSE is (heads, total_q)
         _combine(out_partial.view(num_splits, 1, total_q, heads_q, d),
                  lse_partial.view(num_splits, heads_q, 1, total_q).permute(0, 2, 3, 1),
@@ -471,3 +459,18 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
         _combine(out_partial.view(num_splits, batch, seqlen_q, heads_q, d),
                  lse_partial.view(num_splits, heads_q, batch, seqlen_q).permute(0, 2, 3, 1),
                  out, softmax_lse.transpose(1, 2))
+
+
+def _varlen_tiles(cu_seqlens_q, group: int, total_q: int):
+    """The varlen tile map, on the device without a host sync: tile t covers rows tile_row[t] ..
+    + 63 of sequence tile_seq[t] (== batch past the last tile). Its length, an upper bound on the
+    tiles that static sizes give, is ceil(total_q * group / 64) + batch."""
+    import torch
+
+    batch = cu_seqlens_q.shape[0] - 1
+    tiles = (cu_seqlens_q.diff() * group + BLOCK_M - 1) // BLOCK_M
+    ends = tiles.cumsum(0, dtype=torch.int32)
+    index = torch.arange(-(-total_q * group // BLOCK_M) + batch, dtype=torch.int32, device=cu_seqlens_q.device)
+    tile_seq = torch.searchsorted(ends, index, right=True, out_int32=True)
+    first = (ends - tiles).index_select(0, tile_seq.clamp(max=batch - 1))
+    return tile_seq, (index - first) * BLOCK_M
