@@ -45,11 +45,11 @@ def main() -> None:
             copies = bench.copies_to_exceed_l2(in_bytes + out_bytes)
             arg_sets = [combine_inputs(*shape, device="cuda", seed=i, empty_splits=False) for i in range(copies)]
             outs = [torch.empty(batch, seqlen, heads, dim, dtype=out_dtype, device="cuda") for _ in range(copies)]
-            arg_sets = [(o, l, out) for (o, l), out in zip(arg_sets, outs)]
-            call = lambda o, l, out: flash_attn_combine(o, l, out=out, out_dtype=out_dtype)  # noqa: E731
+            arg_sets = [(o, lse, out) for (o, lse), out in zip(arg_sets, outs, strict=True)]
+            call = lambda o, lse, out, out_dtype=out_dtype: flash_attn_combine(o, lse, out=out, out_dtype=out_dtype)  # noqa: E731
             eager_ms = bench.time_ms(call, arg_sets)
             ms = bench.time_ms_graph(call, arg_sets)
-            peer_ms = bench.time_ms(lambda o, l, out: out.copy_(reference.flash_attn_combine(o, l)[0]), arg_sets,
+            peer_ms = bench.time_ms(lambda o, lse, out: out.copy_(reference.flash_attn_combine(o, lse)[0]), arg_sets,
                                     warmup=3, iters=20)
             gbs = (in_bytes + out_bytes) / (ms * 1e-3) / 1e9
             rows.append({"shape (splits,b,s,h,d)": str(shape), "out": str(out_dtype).replace("torch.", ""),

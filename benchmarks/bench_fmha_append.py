@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 import torch
+
 from mate.mha_interface import flash_attn_with_kvcache
 from mate.testing import bench
 

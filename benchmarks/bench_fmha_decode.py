@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 import torch
+
 from mate.ops.fmha import decode_kernel
 from mate.testing import bench
 

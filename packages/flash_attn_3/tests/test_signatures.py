@@ -117,7 +117,7 @@ def resolve(module, dotted: str):
 
 def describe_difference(ours: inspect.Signature, upstream: inspect.Signature) -> str:
     ours_params, upstream_params = list(ours.parameters.values()), list(upstream.parameters.values())
-    for position, (a, b) in enumerate(zip(ours_params, upstream_params)):
+    for position, (a, b) in enumerate(zip(ours_params, upstream_params, strict=False)):
         if a != b:
             return f"parameter {position}: ours {a} ({a.kind.name}), upstream {b} ({b.kind.name})"
     if len(ours_params) != len(upstream_params):

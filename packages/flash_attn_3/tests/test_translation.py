@@ -55,7 +55,7 @@ def fake_mate(monkeypatch):
                                             **_: attention_result(q, k_cache, v_cache, cu_seqlens_q=cu_seqlens_q,
                                                                   return_softmax_lse=return_softmax_lse)),
         "get_scheduler_metadata": Recorder(lambda *a, **kw: torch.arange(7, dtype=torch.int32)),
-        "flash_attn_combine": Recorder(lambda o, l, out=None, out_dtype=None: (o.sum(0), l.sum(0))),
+        "flash_attn_combine": Recorder(lambda o, lse, out=None, out_dtype=None: (o.sum(0), lse.sum(0))),
     }
     for name, fake in fakes.items():
         monkeypatch.setattr(mha_interface, name, fake, raising=False)

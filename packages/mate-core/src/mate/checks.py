@@ -7,7 +7,7 @@ callers may catch that.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -32,8 +32,8 @@ def tensor(name: str, value, *, dtypes: Iterable[torch.dtype] | None = None, ndi
     if dtypes is not None:
         dtypes = tuple(dtypes)
         if value.dtype not in dtypes:
-            raise ArgumentTypeError(
-                f"{name}: dtype {_dtype_name(value.dtype)} is not accepted; expected {' or '.join(map(_dtype_name, dtypes))}")
+            accepted = " or ".join(map(_dtype_name, dtypes))
+            raise ArgumentTypeError(f"{name}: dtype {_dtype_name(value.dtype)} is not accepted; expected {accepted}")
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if value.dim() not in allowed:

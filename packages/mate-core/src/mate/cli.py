@@ -18,7 +18,7 @@ def table(rows: list[list], headers: list[str]) -> str:
     """Rows as an aligned plain-text table."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -51,7 +51,7 @@ def _max_error(got, want) -> float:
     got = got if isinstance(got, (tuple, list)) else (got,)
     want = want if isinstance(want, (tuple, list)) else (want,)
     worst = 0.0
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=False):
         diff = (g.detach().cpu().double() - w.detach().cpu().double()).abs()
         same_inf = torch.isinf(g.detach().cpu()) & (g.detach().cpu().double() == w.detach().cpu().double())
         worst = max(worst, diff.masked_fill(same_inf, 0).nan_to_num(nan=float("inf")).max().item())
@@ -61,7 +61,7 @@ def _max_error(got, want) -> float:
 def _within(op: dispatch.Op, got, want) -> bool:
     got = got if isinstance(got, (tuple, list)) else (got,)
     want = want if isinstance(want, (tuple, list)) else (want,)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=False):
         atol, rtol = op.tolerance(g.dtype)
         if not torch.allclose(g.detach().cpu().double(), w.detach().cpu().double(), atol=atol, rtol=rtol):
             return False

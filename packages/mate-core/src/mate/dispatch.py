@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -45,7 +46,7 @@ class Support:
     def variants(self) -> list[dict[str, Any]]:
         """Every supported variant."""
         names = list(self.features)
-        every = (dict(zip(names, values)) for values in itertools.product(*self.features.values()))
+        every = (dict(zip(names, values, strict=True)) for values in itertools.product(*self.features.values()))
         return [variant for variant in every if not self.violations(variant)]
 
     def rows(self) -> list[tuple[str, str]]:

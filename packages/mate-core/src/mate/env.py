@@ -8,9 +8,10 @@ variable, the value it got and what it accepts when the value is bad.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 class MateEnvError(ValueError):

@@ -17,8 +17,9 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from mate import env
 

@@ -51,7 +51,7 @@ def _musa_module():
     return getattr(torch, "musa", None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gpu_info(kind: str, index: int) -> DeviceInfo:
     module = torch.cuda if kind == "cuda" else _musa_module()
     props = module.get_device_properties(index)
@@ -78,7 +78,7 @@ def _current_index(kind: str) -> int:
     return torch.cuda.current_device() if kind == "cuda" else _musa_module().current_device()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def default_device() -> torch.device:
     """The GPU when one is present (CUDA, else MUSA), else the CPU."""
     if torch.cuda.is_available():
@@ -89,7 +89,7 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tilelang_version() -> str | None:
     """TileLang's version when it is installed (without importing it: that takes seconds).
     Cached: a metadata lookup scans sys.path (~0.7 ms), far too slow for every dispatch."""

@@ -121,15 +121,15 @@ def _compare(folder: Path, api: str, function, expected: list, actual: list) -> 
     if len(expected) != len(actual):
         return ReplayResult(folder, api, "mismatch", f"{len(actual)} outputs, recorded {len(expected)}")
     worst, bitwise = 0.0, True
-    for index, (want, got) in enumerate(zip(expected, actual)):
+    for index, (want, got) in enumerate(zip(expected, actual, strict=True)):
         if not isinstance(want, torch.Tensor):
             if want != got:
                 return ReplayResult(folder, api, "mismatch", f"output {index}: {got!r} != recorded {want!r}")
             continue
         got = got.detach().cpu()
         if got.shape != want.shape or got.dtype != want.dtype:
-            return ReplayResult(folder, api, "mismatch",
-                                f"output {index}: {tuple(got.shape)} {got.dtype}, recorded {tuple(want.shape)} {want.dtype}")
+            return ReplayResult(folder, api, "mismatch", f"output {index}: {tuple(got.shape)} {got.dtype}, "
+                                f"recorded {tuple(want.shape)} {want.dtype}")
         if torch.equal(got, want) or (want.is_floating_point() and torch.equal(got.isnan(), want.isnan())
                                       and torch.equal(got.nan_to_num(), want.nan_to_num())):
             continue
@@ -137,7 +137,8 @@ def _compare(folder: Path, api: str, function, expected: list, actual: list) -> 
         atol, rtol = tolerance(want.dtype)
         if not torch.allclose(got.double(), want.double(), atol=atol, rtol=rtol, equal_nan=True):
             err = (got.double() - want.double()).abs().nan_to_num().max().item()
-            return ReplayResult(folder, api, "mismatch", f"output {index}: max abs error {err:.3g} > atol {atol}, rtol {rtol}")
+            return ReplayResult(folder, api, "mismatch",
+                                f"output {index}: max abs error {err:.3g} > atol {atol}, rtol {rtol}")
         worst = max(worst, (got.double() - want.double()).abs().nan_to_num().max().item())
     if bitwise:
         return ReplayResult(folder, api, "bitwise", "outputs identical")

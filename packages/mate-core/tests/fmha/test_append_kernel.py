@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+
 from mate import jit, platform, testing
 from mate.mha_interface import flash_attn_with_kvcache
 from mate.ops.fmha import reference

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from mate import dispatch, platform, testing
 from mate.checks import ArgumentError, ArgumentTypeError
 from mate.mha_interface import flash_attn_varlen_func, flash_attn_with_kvcache, get_scheduler_metadata

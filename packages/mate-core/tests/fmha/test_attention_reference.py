@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from mate import testing
 from mate.ops.fmha import reference
 

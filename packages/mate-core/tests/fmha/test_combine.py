@@ -75,8 +75,8 @@ def test_out_argument_is_written_and_returned():
 def test_torch_compile_fullgraph():
     out_partial, lse_partial = combine_inputs(3, 2, 4, 2, 8)
 
-    def merged(o, l):
-        out, lse = flash_attn_combine(o, l, out_dtype=torch.float32)
+    def merged(o, partial_lse):
+        out, lse = flash_attn_combine(o, partial_lse, out_dtype=torch.float32)
         return out * 2, lse
 
     compiled = torch.compile(merged, fullgraph=True, backend="aot_eager")
@@ -90,17 +90,17 @@ def _good():
 
 
 @pytest.mark.parametrize("make, error, message", [
-    (lambda o, l: (o.half(), l), ArgumentTypeError, "out_partial: dtype float16 is not accepted"),
-    (lambda o, l: (o, l.double()), ArgumentTypeError, "lse_partial: dtype float64 is not accepted"),
-    (lambda o, l: (o[0], l), ArgumentError, "out_partial: expected a 5-D tensor"),
-    (lambda o, l: (o, l[0]), ArgumentError, "lse_partial: expected a 4-D tensor"),
-    (lambda o, l: (o, l[:, :1]), ArgumentError, r"lse_partial: expected shape \(3, 2, 4, 2\)"),
-    (lambda o, l: (o.transpose(-1, -2), l), ArgumentError, "out_partial: the last dimension must be contiguous"),
-    (lambda o, l: (o, l.contiguous()), ArgumentError, "lse_partial: the seqlen dimension must be contiguous"),
-    (lambda o, l: ("tensor", l), ArgumentTypeError, "out_partial: expected a torch.Tensor, got str"),
-    (lambda o, l: (o[:1].expand(257, -1, -1, -1, -1), l[:1].expand(257, -1, -1, -1)), ArgumentError,
+    (lambda o, lse: (o.half(), lse), ArgumentTypeError, "out_partial: dtype float16 is not accepted"),
+    (lambda o, lse: (o, lse.double()), ArgumentTypeError, "lse_partial: dtype float64 is not accepted"),
+    (lambda o, lse: (o[0], lse), ArgumentError, "out_partial: expected a 5-D tensor"),
+    (lambda o, lse: (o, lse[0]), ArgumentError, "lse_partial: expected a 4-D tensor"),
+    (lambda o, lse: (o, lse[:, :1]), ArgumentError, r"lse_partial: expected shape \(3, 2, 4, 2\)"),
+    (lambda o, lse: (o.transpose(-1, -2), lse), ArgumentError, "out_partial: the last dimension must be contiguous"),
+    (lambda o, lse: (o, lse.contiguous()), ArgumentError, "lse_partial: the seqlen dimension must be contiguous"),
+    (lambda o, lse: ("tensor", lse), ArgumentTypeError, "out_partial: expected a torch.Tensor, got str"),
+    (lambda o, lse: (o[:1].expand(257, -1, -1, -1, -1), lse[:1].expand(257, -1, -1, -1)), ArgumentError,
      "num_splits .* is 257; at most 256"),
-    (lambda o, l: (torch.randn(3, 2, 4, 2, 516), l), ArgumentError, "head_dim .* is 516; at most 512"),
+    (lambda o, lse: (torch.randn(3, 2, 4, 2, 516), lse), ArgumentError, "head_dim .* is 516; at most 512"),
 ])
 def test_bad_inputs(make, error, message):
     out_partial, lse_partial = make(*_good())

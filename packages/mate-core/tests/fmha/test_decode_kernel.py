@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("tilelang")
 
 import torch  # noqa: E402
+
 from mate import jit, platform, testing  # noqa: E402
 from mate.ops.fmha import decode_kernel, reference  # noqa: E402
 from mate.ops.fmha.attention import DECODE  # noqa: E402

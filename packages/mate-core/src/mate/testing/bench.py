@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -26,7 +26,7 @@ def time_ms(fn: Callable[..., object], arg_sets: Sequence[tuple], warmup: int = 
         fn(*args)
         ends[i].record()
     torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
 
 
 def time_ms_graph(fn: Callable[..., object], arg_sets: Sequence[tuple], iters: int = 50) -> float:
