@@ -140,3 +140,25 @@ def test_paged_prefill(page_size, causal):
     out, lse = flash_attn_varlen_func(q, k_pages, v_pages, page_table=table, seqused_k=seqused_k, causal=causal,
                                       out=out, return_softmax_lse=True)
     _check(out, lse, q, k_pages, v_pages, page_table=table, seqused_k=seqused_k, causal=causal)
+
+
+@pytest.mark.parametrize("head_dim, head_dim_v", [(80, 80), (40, 40), (160, 128)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_dims_between_compiled_ones(head_dim, head_dim_v, causal):
+    """Upstream accepts any head dim <= 256 (multiple of 8): ours run zero-padded on the next kernel."""
+    gen = torch.Generator(device="cuda").manual_seed(testing.seed_for(f"odd-hd{head_dim}{head_dim_v}{causal}"))
+    lengths_q, lengths_k = [5, 130, 64], [70, 130, 200]
+    q = _randn(gen, sum(lengths_q), 4, head_dim, dtype=torch.bfloat16)
+    k = _randn(gen, sum(lengths_k), 2, head_dim, dtype=torch.bfloat16)
+    v = _randn(gen, sum(lengths_k), 2, head_dim_v, dtype=torch.bfloat16)
+    cu_q = torch.tensor([0] + lengths_q, device="cuda").cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lengths_k, device="cuda").cumsum(0).to(torch.int32)
+    out = testing.poison(torch.empty(q.shape[0], 4, head_dim_v, dtype=torch.bfloat16, device="cuda"))
+    result, lse = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), causal=causal,
+                                         return_softmax_lse=True, out=out)
+    exact, exact_lse = reference.attention_forward(q.double(), k.double(), v.double(), cu_seqlens_q=cu_q,
+                                                   cu_seqlens_k=cu_k, max_seqlen_q=max(lengths_q),
+                                                   max_seqlen_k=max(lengths_k), causal=causal)
+    testing.assert_within_low_precision_error(result, exact, exact.to(torch.bfloat16), atol=4e-3)
+    assert result.data_ptr() == out.data_ptr()
+    assert testing.max_abs_error(lse, exact_lse) <= 2e-3

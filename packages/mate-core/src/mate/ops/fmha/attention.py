@@ -365,10 +365,17 @@ def _launch_kernel(variant: dict, args: dict[str, Any]) -> None:
         if leftpad is not None:
             cu_k = cu_k + torch.cat([leftpad, leftpad.new_zeros(1)])
             used_k = used_k - leftpad
+    # Head dims between the compiled ones (e.g. 80 runs the 96 kernel) are zero-padded: zeros add
+    # nothing to q.k, and padded value columns are dropped from the output.
+    pad_qk, pad_v = variant["head_dim"] - q.shape[-1], variant["head_dim_v"] - v.shape[-1]
+    if pad_qk:
+        q, k = (torch.nn.functional.pad(t, (0, pad_qk)) for t in (q, k))
+    if pad_v:
+        v = torch.nn.functional.pad(v, (0, pad_v))
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     heads, total_q = q.shape[1], q.shape[0]
-    flat_out = out.view(total_q, heads, -1) if out.is_contiguous() else torch.empty(
-        total_q, heads, out.shape[-1], dtype=out.dtype, device=device)
+    flat_out = out.view(total_q, heads, -1) if out.is_contiguous() and not pad_v else torch.empty(
+        total_q, heads, v.shape[-1], dtype=out.dtype, device=device)
     # The kernel writes LSE as (heads, total_q): the varlen layout; fixed-length is (batch, heads, seqlen).
     flat_lse = lse if lse.dim() == 2 and lse.is_contiguous() else torch.empty(heads, total_q, dtype=torch.float32,
                                                                                device=device)
@@ -382,7 +389,7 @@ def _launch_kernel(variant: dict, args: dict[str, Any]) -> None:
                           seqused_k=used_k.to(torch.int32) if seqused else None,
                           sink=None if sink is None else sink.float())
     if flat_out is not out:
-        out.copy_(flat_out.view(out.shape))
+        out.copy_(flat_out[..., :out.shape[-1]].reshape(out.shape))
     if flat_lse is not lse:
         lse.copy_(flat_lse.view(heads, lse.shape[0], -1).transpose(0, 1) if lse.dim() == 3 else flat_lse)
 
