@@ -9,7 +9,7 @@ import mate.gemm
 import pytest
 import torch
 from mate import jit
-from mate.ops.gemm import api, layouts, reference
+from mate.ops.gemm import api, fp8_launch, layouts, reference
 from mate.ops.gemm.reference import calc_diff
 
 from .helpers import MAX_DIFF
@@ -64,10 +64,12 @@ def test_fp8_gemm_nt_unaligned_and_prepared_scales():
 
 
 def test_one_compile_serves_every_m():
-    """M is dynamic: one compile per tile bucket (M <= 64 and M > 64) serves every M."""
+    """M is dynamic: one compile per tile bucket (fp8_launch.tile_for) serves every M."""
     n, k = 384, 640  # a shape no other test uses
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    buckets = ((1, 7, 33, 64), (65, 128, 300, 1500, 4097))
     counts = []
-    for bucket in ((1, 7, 33, 64), (65, 128, 300, 1500, 4097)):
+    for bucket in buckets:
         before = jit.stats["compiled"] + jit.stats["loaded"]
         for m in bucket:
             a, b = _dense_inputs(m, n, k)
@@ -75,8 +77,9 @@ def test_one_compile_serves_every_m():
             api.fp8_gemm_nt(a, b, d)
             assert calc_diff(d, _expected(a, b)) < MAX_DIFF
         counts.append(jit.stats["compiled"] + jit.stats["loaded"] - before)
-    assert counts == [1, 1]
-    assert len([vid for vid in jit._kernels if "n=384," in vid and "k=640," in vid]) == 2
+    tiles = [{fp8_launch.tile_for(m, n, "dense", sms) for m in bucket} for bucket in buckets]
+    assert counts == [len(tiles[0]), len(tiles[1] - tiles[0])] and len(tiles[0]) == 1
+    assert len([vid for vid in jit._kernels if "n=384," in vid and "k=640," in vid]) == len(tiles[0] | tiles[1])
 
 
 def test_mate_gemm_fp8_nt_groupwise_and_bmm_fp8():

@@ -34,9 +34,10 @@ Parameters of the prim_func, in order (shapes; the dynamic sizes are read from t
 
 N and K are compile-time constants (the weights' shape); M, GA, GB and the scale strides are
 dynamic, so one compiled kernel serves every token count. Tiles: block_m 128 (two consumer
-warpgroups of 64 rows), block_n 128 by default, block_k 128 (one scale block), a `num_stages`
-TMA ring fed by a producer warpgroup (TileLang's warp specialization), and a swizzled
-rasterization of the (N blocks, M blocks) grid for L2 reuse.
+warpgroups of 64 rows) or 64 (one), block_n 16..128 inside one B scale block or 256 (two
+128-column halves, `_wide_kernel`), block_k 128 (one scale block), a `num_stages` TMA ring fed by
+a producer warpgroup (TileLang's warp specialization), and a swizzled rasterization of the
+(N blocks, M blocks) grid for L2 reuse. The host (fp8_launch.tile_for) picks the tile per call.
 """
 
 
@@ -46,9 +47,13 @@ import tilelang.language as T
 
 BLOCK_K = 128  # = the scale block along K
 LAYOUTS = ("dense", "contiguous", "masked")
-# Tile buckets (measured on H100: 64 x 64 tiles are 1.2-1.4x faster for M <= 64, where 128 x 128
-# tiles leave most SMs idle; 128 x 128 for everything else).
+# Tile buckets (fp8_launch.tile_for picks one per call; measured on H100, benchmarks/PERFORMANCE.md):
+# 128 x 256 for large M where it fills the waves (1.20-1.27x the 128 x 128 throughput), 128 x 128
+# otherwise; 64 x 64 and 64 x 128 put more blocks in flight at small M. 128 x 256 keeps 3 stages
+# (4 do not fit beside the masked layout's staging tiles; 3 measured as fast as 4 for dense).
 TILES = {"m128n128": {"block_m": 128, "block_n": 128, "threads": 256, "num_stages": 4},
+         "m128n256": {"block_m": 128, "block_n": 256, "threads": 256, "num_stages": 3},
+         "m64n128": {"block_m": 64, "block_n": 128, "threads": 128, "num_stages": 6},
          "m64n64": {"block_m": 64, "block_n": 64, "threads": 128, "num_stages": 8}}
 
 
@@ -67,11 +72,14 @@ def fp8_gemm_kernel(n: int, k: int, layout: str = "dense", *, block_m: int = 128
         raise ValueError(f"k must be a positive multiple of {BLOCK_K}, got {k}")
     if n <= 0 or n % 8:
         raise ValueError(f"n must be a positive multiple of 8 (16-byte rows of D), got {n}")
-    if block_n not in (32, 64, 128):
-        raise ValueError(f"block_n must be 32, 64 or 128 (inside one 128-row B scale block), got {block_n}")
+    if block_n not in (16, 32, 64, 128, 256):
+        raise ValueError(f"block_n must be 16, 32, 64, 128 (inside one 128-row B scale block) or 256 (two), "
+                         f"got {block_n}")
     if block_m not in (64, 128) or threads != 2 * block_m:
         raise ValueError("block_m must be 64 or 128 with one consumer warpgroup (128 threads) per 64 rows, got "
                          f"block_m {block_m}, threads {threads}")
+    if block_n == 256:
+        return _wide_kernel(n, k, layout, block_m=block_m, num_stages=num_stages, threads=threads, panel=panel)
     kb_count = k // BLOCK_K
     nb_count = -(-n // 128)
     n_blocks = -(-n // block_n)
@@ -132,6 +140,96 @@ def fp8_gemm_kernel(n: int, k: int, layout: str = "dense", *, block_m: int = 128
                             d[bz, m0 + i, n0 + j] = d_s[i, j]
                 else:
                     T.copy(d_s, d[bz, m0:m0 + block_m, n0:n0 + block_n])
+
+    return fp8_gemm
+
+
+def _wide_kernel(n: int, k: int, layout: str, *, block_m: int, num_stages: int, threads: int, panel: int):
+    """block_n = 256: two 128-column halves (one B scale block each) per tile.
+
+    A 64 x 256 fp32 accumulator per consumer warpgroup is 128 registers; a second 128 for the
+    per-K-block product would not fit in 240, so each K block runs as two 64 x 128 wgmma passes
+    (one per half, each with its own B scale) into one 64-register `partial`, promoted into the
+    half's accumulator between the passes. Halving the tiles per output halves how often A is
+    read from L2 (B is read as often as before): 48 KB per 8.4 MFLOP instead of 32 KB per 4.2."""
+    kb_count = k // BLOCK_K
+    nb_count = -(-n // 128)
+    n_blocks = -(-n // 256)
+    half = 128
+
+    M, GA, GB, L = T.dynamic("M, GA, GB, L")
+    sfa_sg, sfa_sk = T.dynamic("sfa_sg, sfa_sk")
+    fp8, acc_t, out_t = "float8_e4m3fn", "float32", "bfloat16"
+
+    @T.prim_func
+    def fp8_gemm(
+        a: T.Tensor((GA, M, k), fp8),
+        b: T.Tensor((GB, n, k), fp8),
+        d: T.Tensor((GA, M, n), out_t),
+        sfa: T.StridedTensor((GA, kb_count, M), (sfa_sg, sfa_sk, 1), acc_t),
+        sfb: T.Tensor((GB, nb_count, kb_count), acc_t),
+        aux: T.Tensor((L,), "int32"),
+    ):
+        with T.Kernel(n_blocks, T.ceildiv(M, block_m), GA, threads=threads) as (bx, by, bz):
+            a_s = T.alloc_shared((block_m, BLOCK_K), fp8)
+            b0_s = T.alloc_shared((half, BLOCK_K), fp8)
+            b1_s = T.alloc_shared((half, BLOCK_K), fp8)
+            sa_s = T.alloc_shared((block_m,), acc_t)
+            sb0_s = T.alloc_shared((kb_count,), acc_t)
+            sb1_s = T.alloc_shared((kb_count,), acc_t)
+            d0_s = T.alloc_shared((block_m, half), out_t)
+            d1_s = T.alloc_shared((block_m, half), out_t)
+            partial = T.alloc_fragment((block_m, half), acc_t)
+            acc0 = T.alloc_fragment((block_m, half), acc_t)
+            acc1 = T.alloc_fragment((block_m, half), acc_t)
+
+            T.use_swizzle(panel_size=panel)
+            m0 = by * block_m
+            n0 = bx * 256
+            if layout == "contiguous":
+                group = T.max(aux[m0], 0)
+            elif layout == "masked":
+                group = bz
+            else:
+                group = 0
+            rows = T.min(aux[bz], M) - m0 if layout == "masked" else M - m0
+
+            if rows > 0:
+                for kk in T.Parallel(kb_count):
+                    sb0_s[kk] = sfb[group, bx * 2, kk]
+                    # The last tile's second half may lie past N (its columns are never stored).
+                    sb1_s[kk] = sfb[group, T.min(bx * 2 + 1, nb_count - 1), kk]
+                T.clear(acc0)
+                T.clear(acc1)
+                for kb in T.Pipelined(kb_count, num_stages=num_stages):
+                    T.copy(a[bz, m0:m0 + block_m, kb * BLOCK_K:(kb + 1) * BLOCK_K], a_s)
+                    T.copy(b[group, n0:n0 + half, kb * BLOCK_K:(kb + 1) * BLOCK_K], b0_s)
+                    T.copy(b[group, n0 + half:n0 + 2 * half, kb * BLOCK_K:(kb + 1) * BLOCK_K], b1_s)
+                    T.copy(sfa[bz, kb, m0:m0 + block_m], sa_s)
+                    T.gemm(a_s, b0_s, partial, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                    for i, j in T.Parallel(block_m, half):
+                        acc0[i, j] += partial[i, j] * (sa_s[i] * sb0_s[kb])
+                    T.gemm(a_s, b1_s, partial, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                    for i, j in T.Parallel(block_m, half):
+                        acc1[i, j] += partial[i, j] * (sa_s[i] * sb1_s[kb])
+
+                if layout == "contiguous":
+                    for i, j in T.Parallel(block_m, half):
+                        keep = aux[T.min(m0 + i, M - 1)] >= 0
+                        acc0[i, j] = T.if_then_else(keep, acc0[i, j], T.float32(0))
+                        acc1[i, j] = T.if_then_else(keep, acc1[i, j], T.float32(0))
+                T.copy(acc0, d0_s)
+                T.copy(acc1, d1_s)
+                if layout == "masked":
+                    for i, j in T.Parallel(block_m, half):
+                        if i < rows and n0 + j < n:
+                            d[bz, m0 + i, n0 + j] = d0_s[i, j]
+                    for i, j in T.Parallel(block_m, half):
+                        if i < rows and n0 + half + j < n:
+                            d[bz, m0 + i, n0 + half + j] = d1_s[i, j]
+                else:
+                    T.copy(d0_s, d[bz, m0:m0 + block_m, n0:n0 + half])
+                    T.copy(d1_s, d[bz, m0:m0 + block_m, n0 + half:n0 + 2 * half])
 
     return fp8_gemm
 

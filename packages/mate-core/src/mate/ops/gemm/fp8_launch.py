@@ -23,12 +23,41 @@ from mate.ops.gemm import layouts
 _dummy_aux: dict[torch.device, torch.Tensor] = {}
 
 
-SMALL_M = 64  # dense calls with M <= SMALL_M use 64 x 64 tiles (twice the blocks of a 128 x 128 tile per row)
+SMALL_M = 128  # dense calls with M <= SMALL_M are weight-bandwidth-bound: tiles chosen to fill the SMs
+# Tile buckets (one compile each) as (block_m, block_n), and the compute-bound tiles' measured
+# throughput per SM relative to 128 x 128 (H100, M = 4096: 128 x 256 tiles 1.20-1.27x faster, as
+# they read A from L2 half as often; benchmarks/PERFORMANCE.md "gemm").
+TILE_SHAPES = {"m128n256": (128, 256), "m128n128": (128, 128), "m64n128": (64, 128), "m64n64": (64, 64)}
+TILE_SPEED = {"m128n128": 1.0, "m128n256": 1.2}
+FILL = 0.75  # small M: the largest tile that still puts FILL x SMs blocks in flight
 
 
-def tile_for(m: int, layout: str) -> str:
-    """The tile bucket of a call: "m64n64" for small dense M, "m128n128" otherwise (one compile each)."""
-    return "m64n64" if layout == "dense" and m <= SMALL_M else "m128n128"
+def tile_for(m: int, n: int, layout: str, sms: int = 132, groups: int = 1) -> str:
+    """The tile bucket of a call. `m` is the rows per group (masked: the static M_max), `groups`
+    the groups of a masked call.
+
+    * Dense M <= SMALL_M (weight-bandwidth-bound): the largest tile of at most M rows (rounded up
+      to 64) whose block count reaches FILL x the SMs, else the one with the most blocks (measured
+      at M = 64 and 128 on five DeepSeek-V3 shapes, this picks the fastest of 64x64, 64x128 and
+      128x128 in all 10 cases).
+    * Otherwise (compute-bound; the M-grouped layouts always, with their 128-row blocks): 128 x 128
+      or 128 x 256, whichever finishes first counting whole waves over the SMs: waves x tile
+      area / the tile's measured speed (DeepGEMM's heuristic in spirit)."""
+    if layout == "dense" and m <= SMALL_M:
+        shapes = [(t, bm, bn) for t, (bm, bn) in TILE_SHAPES.items() if bm <= -(-m // 64) * 64]
+        counts = {t: -(-m // bm) * -(-n // bn) for t, bm, bn in shapes}
+        for t, _, _ in shapes:  # largest tile first
+            if counts[t] >= FILL * sms:
+                return t
+        return max(shapes, key=lambda s: (counts[s[0]], -s[1] * s[2]))[0]
+    best, best_cost = None, None
+    for tile in ("m128n128", "m128n256"):
+        bm, bn = TILE_SHAPES[tile]
+        tiles = groups * -(-m // bm) * -(-n // bn)
+        cost = -(-tiles // sms) * bm * bn / TILE_SPEED[tile]
+        if best_cost is None or cost < best_cost - 1e-9:
+            best, best_cost = tile, cost
+    return best
 
 
 def kernel_variant(n: int, k: int, layout: str, tile: str = "m128n128") -> dict:
@@ -39,6 +68,10 @@ def kernel_variant(n: int, k: int, layout: str, tile: str = "m128n128") -> dict:
                "tile": tile}
     variant.update({"accumulate": False} if layout == "dense" else {"psum": False})
     return variant
+
+
+def _sms(device: torch.device) -> int:
+    return platform.device_info(device).multiprocessors
 
 
 def _kernel(op_name: str, build, n: int, k: int, layout: str, device: torch.device, tile: str = "m128n128"):
@@ -88,7 +121,7 @@ def fp8_gemm_nt(op_name: str, build, a: torch.Tensor, sfa: torch.Tensor, b: torc
     m, k = a.shape
     n = b.shape[0]
     _fits_int32(a, b, d)
-    kernel = _kernel(op_name, build, n, k, "dense", a.device, tile_for(m, "dense"))
+    kernel = _kernel(op_name, build, n, k, "dense", a.device, tile_for(m, n, "dense", _sms(a.device)))
     out = d if d.is_contiguous() and d.data_ptr() % 16 == 0 else torch.empty(d.shape, dtype=d.dtype, device=d.device)
     kernel(_aligned(a).unsqueeze(0), _aligned(b).unsqueeze(0), out.unsqueeze(0), _sfa_view(sfa),
            _aligned(sfb).unsqueeze(0), _aux_placeholder(a.device))
@@ -103,7 +136,7 @@ def m_grouped_contiguous(op_name: str, build, a: torch.Tensor, sfa: torch.Tensor
     m, k = a.shape
     n = b.shape[1]
     _fits_int32(a, b, d)
-    kernel = _kernel(op_name, build, n, k, "contiguous", a.device)
+    kernel = _kernel(op_name, build, n, k, "contiguous", a.device, tile_for(m, n, "contiguous", _sms(a.device)))
     out = d if d.is_contiguous() and d.data_ptr() % 16 == 0 else torch.empty(d.shape, dtype=d.dtype, device=d.device)
     kernel(_aligned(a).unsqueeze(0), _aligned(b), out.unsqueeze(0), _sfa_view(sfa), _aligned(sfb),
            _aligned(m_indices))
@@ -115,10 +148,10 @@ def m_grouped_masked(op_name: str, build, a: torch.Tensor, sfa: torch.Tensor, b:
                      d: torch.Tensor, masked_m: torch.Tensor) -> None:
     """d[g, :masked_m[g]] = A[g, :masked_m[g]] . B[g]^T; other rows of d are not written.
     a (G, M_max, K), sfa (G, M_max, K/128), b (G, N, K), sfb (G, N/128, K/128)."""
-    k = a.shape[2]
+    groups, max_m, k = a.shape
     n = b.shape[1]
     _fits_int32(a, b, d)
-    kernel = _kernel(op_name, build, n, k, "masked", a.device)
+    kernel = _kernel(op_name, build, n, k, "masked", a.device, tile_for(max_m, n, "masked", _sms(a.device), groups))
     if not (d.is_contiguous() and d.data_ptr() % 16 == 0):
         out = d.contiguous()
         kernel(_aligned(a), _aligned(b), out, _sfa_view(sfa), _aligned(sfb), _aligned(masked_m))

@@ -36,9 +36,10 @@ def _build_fp8(n: int, k: int, layout: str, tile: str = "m128n128", **features):
 def _fp8_aot(shapes, layouts):
     from mate.ops.gemm.fp8_launch import kernel_variant
 
-    tiles = ("m128n128", "m64n64")
-    return [kernel_variant(n, k, layout, tile) for n, k in shapes for layout in layouts for tile in tiles
-            if layout == "dense" or tile == "m128n128"]
+    from mate.ops.gemm.fp8_kernel import TILES
+
+    return [kernel_variant(n, k, layout, tile) for n, k in shapes for layout in layouts for tile in TILES
+            if layout == "dense" or tile.startswith("m128")]
 
 
 # DeepSeek-V3's dense projections (N, K) and MoE expert shapes that `mate aot` prebuilds.
