@@ -489,9 +489,9 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(dispatch, "_warned", set())
 
 
-def _small():
+def _small(head_dim=64):
     gen = testing.generator("api-dispatch")
-    return randn(gen, 1, 2, 2, 64), randn(gen, 1, 3, 2, 64), randn(gen, 1, 3, 2, 64)
+    return (randn(gen, 1, 2, 2, head_dim), randn(gen, 1, 3, 2, head_dim), randn(gen, 1, 3, 2, head_dim))
 
 
 def test_gpu_kvcache_append_runs_the_append_kernel_then_attention(fake_gpu, monkeypatch):
@@ -520,13 +520,14 @@ def test_gpu_kvcache_unsupported_feature_appends_nothing(fake_gpu, monkeypatch):
 
 
 def test_gpu_unsupported_variant_names_the_feature(fake_gpu):
-    q, k, v = (t.to(FP8) for t in _small())
+    # FP8 runs only on the decode kernel, which has no head dim 96: the prefill kernel's refusal shows.
+    q, k, v = (t.to(FP8) for t in _small(96))
     with pytest.raises(dispatch.UnsupportedError, match=r"dtype=float8_e4m3fn \(supported: float16, bfloat16\)"):
         flash_attn_varlen_func(q, k, v)
 
 
 def test_gpu_fallback_warns_once_and_runs_the_reference(fake_gpu, monkeypatch):
-    q, k, v = (t.to(FP8) for t in _small())
+    q, k, v = (t.to(FP8) for t in _small(96))
     monkeypatch.setenv("MATE_ALLOW_REFERENCE_FALLBACK", "1")
     with pytest.warns(UserWarning, match="running the PyTorch reference"):
         out = flash_attn_varlen_func(q, k, v)

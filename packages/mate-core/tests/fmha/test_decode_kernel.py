@@ -71,7 +71,9 @@ def test_kernel_compiles_for_sm90a(var):
 # ---- GPU vs the reference --------------------------------------------------------------------
 
 def _check(out, lse, q, k, v, **kwargs):
-    exact, exact_lse = reference.attention_forward(q.double(), k.double(), v.double(), **kwargs)
+    if q.dtype != torch.float8_e4m3fn:  # FP8 stays FP8: the reference dequantizes it (in float32)
+        q, k, v = q.double(), k.double(), v.double()
+    exact, exact_lse = reference.attention_forward(q, k, v, **kwargs)
     testing.assert_within_low_precision_error(out, exact, exact.to(out.dtype), atol=ATOL[out.dtype])
     assert torch.equal(lse.isinf(), exact_lse.isinf())
     assert testing.max_abs_error(lse, exact_lse) <= 2e-3
@@ -237,6 +239,52 @@ def test_varlen_api_call_runs_the_decode_kernel(monkeypatch):
     assert calls == [1]
     _check(out, lse, q, k, v, page_table=page_table, seqused_k=seqused_k, causal=True, cu_seqlens_q=cu_seqlens_q,
            max_seqlen_q=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [None, 1, 16])
+@pytest.mark.parametrize("seqlen_q", [1, 4])
+@pytest.mark.parametrize("num_splits", [0, 3])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_decode_fp8(page_size, seqlen_q, num_splits, d):
+    # FP8 e4m3 q / k / v with per-(batch, kv head) descales, bfloat16 out (the FP8 KV-cache path).
+    gen = torch.Generator(device="cuda").manual_seed(
+        testing.seed_for(f"decode-fp8{page_size}{seqlen_q}{num_splits}{d}"))
+    heads_q, heads_k, fp8 = 16, 2, torch.float8_e4m3fn
+    cache_seqlens = torch.tensor([300, 17, 128, 4], dtype=torch.int32, device="cuda")
+    k, v, page_table = _cache(gen, 4, 300, heads_k, d, torch.float32, page_size)
+    k, v = (t.mul(3).to(fp8) for t in (k, v))
+    q = torch.randn(4, seqlen_q, heads_q, d, generator=gen, device="cuda").mul(3).to(fp8)
+    q_descale, k_descale, v_descale = (torch.rand(4, heads_k, generator=gen, device="cuda") * 0.5 + 0.1
+                                       for _ in range(3))
+    out = testing.poison(torch.empty(q.shape, dtype=torch.bfloat16, device="cuda"))
+    lse = testing.poison(torch.empty(4, heads_q, seqlen_q, dtype=torch.float32, device="cuda"))
+    scale = d ** -0.5
+    decode_kernel.launch(q, k, v, page_table, cache_seqlens, scale, True, out, lse, num_splits=num_splits,
+                         q_descale=q_descale, k_descale=k_descale, v_descale=v_descale)
+    _check(out, lse, q, k, v, page_table=page_table, seqused_k=cache_seqlens, causal=True, softmax_scale=scale,
+           q_descale=q_descale, k_descale=k_descale, v_descale=v_descale)
+
+
+@pytest.mark.gpu
+def test_fp8_kvcache_api_call_runs_the_decode_kernel(monkeypatch):
+    from mate.mha_interface import flash_attn_with_kvcache
+
+    calls = []
+    launch = decode_kernel.launch
+    monkeypatch.setattr(decode_kernel, "launch", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    k, v, page_table = _cache(gen, 3, 256, 2, 128, torch.float32, 64)
+    k, v = (t.to(torch.float8_e4m3fn) for t in (k, v))
+    q = torch.randn(3, 2, 8, 128, generator=gen, device="cuda").to(torch.float8_e4m3fn)
+    cache_seqlens = torch.tensor([256, 9, 100], dtype=torch.int32, device="cuda")
+    descale = torch.full((3, 2), 0.5, device="cuda")
+    out, lse = flash_attn_with_kvcache(q, k, v, cache_seqlens=cache_seqlens, page_table=page_table, causal=True,
+                                       q_descale=descale, k_descale=descale, v_descale=descale,
+                                       return_softmax_lse=True)
+    assert calls == [1] and out.dtype == torch.bfloat16
+    _check(out, lse, q, k, v, page_table=page_table, seqused_k=cache_seqlens, causal=True, q_descale=descale,
+           k_descale=descale, v_descale=descale)
 
 
 @pytest.mark.gpu

@@ -266,7 +266,7 @@ def _decode_check_case(device: torch.device):
 
 DECODE = dispatch.register(dispatch.Op(
     name="fmha.decode_splitkv", family="fmha",
-    support=dispatch.Support({"dtype": (torch.float16, torch.bfloat16), "head_dim": (64, 128, 256),
+    support=dispatch.Support({"dtype": (torch.float16, torch.bfloat16, torch.float8_e4m3fn), "head_dim": (64, 128, 256),
                               "paged": (False, True), "causal": (False, True), "leftpad": (False, True),
                               "batch_idx": (False, True), "sink": (False, True), "local": (False, True),
                               "softcap": (False, True), "cp": (False, True), "varlen_q": (False, True)}),
@@ -281,9 +281,11 @@ DECODE = dispatch.register(dispatch.Op(
 def _decode_variant(variant: dict, args: dict[str, Any]) -> dict | None:
     """The decode kernel's variant for a call it can serve (else None: the prefill path decides)."""
     q, varlen_q = args["q"], args["cu_seqlens_q"] is not None
-    # Paged caches always take it (any query count: the prefill kernel would need a dense copy).
+    # Paged caches always take it (any query count: the prefill kernel would need a dense copy), and
+    # so do FP8 inputs (the prefill kernel has no FP8 path).
     few_queries = (args["max_seqlen_q"] if varlen_q else q.shape[1]) <= DECODE_MAX_SEQLEN_Q
-    if (q.dim() != (3 if varlen_q else 4) or not (few_queries or variant["paged_kv"])
+    fp8 = variant["dtype"] == torch.float8_e4m3fn
+    if (q.dim() != (3 if varlen_q else 4) or not (few_queries or variant["paged_kv"] or fp8)
             or variant["head_dim"] != variant["head_dim_v"]
             or q.shape[-1] != variant["head_dim"] or any(variant[name] for name in DECODE_FEATURES_OFF)
             or args["cu_seqlens_k"] is not None or args["seqused_q"] is not None):
@@ -479,7 +481,8 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Te
                              window=(window_size_left, 0 if causal else window_size_right) if is_local else (-1, -1),
                              attention_chunk=attention_chunk, softcap=softcap, cp_world_size=cp_world_size,
                              cp_rank=cp_rank, cp_tot_seqused_k=cp_tot_seqused_k, cu_seqlens_q=cu_seqlens_q,
-                             max_seqlen_q=max_seqlen_q)
+                             max_seqlen_q=max_seqlen_q, q_descale=q_descale, k_descale=k_descale,
+                             v_descale=v_descale)
         return
     if select_backend(variant, q.device, backend) == "tilelang":
         _launch_kernel(variant, args)

@@ -18,11 +18,12 @@ serves every size and every page size (1 included). Parameters of the prim_func,
     cache_leftpad  int32    (batch,)  first key row of each sequence               (leftpad)
     sink           float32  (heads_q,) learnable sink logits                       (sink)
     cp_total       int32    (batch,)  global key count of each sequence            (cp)
+    q/k/v_descale  float32  (batch, heads_k) dequantization factors         (float8 dtype)
     out_partial    float32  (num_splits, total_q, heads_q, d)                 contiguous, written
     lse_partial    float32  (num_splits, heads_q, total_q)                    contiguous, written
     max_seqlen_q   int32    queries per sequence (the most, with varlen_q)
     softmax_scale  float32
-    window_left, window_right, chunk  int32   (local; -1 / 0: unbounded)
+    window_left, window_right, attention_chunk  int32   (local; -1 / 0: unbounded)
     softcap_value  float32                                                     (softcap)
     cp_world_size, cp_rank            int32   (cp)
 
@@ -77,11 +78,11 @@ import tilelang.language as T
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 PASS_CONFIGS = {"tl.enable_fast_math": True}
-DTYPES = ("float16", "bfloat16")
+DTYPES = ("float16", "bfloat16", "float8_e4m3fn")
 HEAD_DIMS = (64, 128, 256)
 BLOCK_M = 64
 THREADS = 128
-CHUNK = 8  # elements per 16-byte cp.async
+COPY_BYTES = 16  # one cp.async
 MAX_SPLITS = 128  # combine_kernel's scale table holds 256
 UNBOUNDED = 1 << 30  # a key position bound no sequence reaches
 
@@ -105,13 +106,18 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
     dtype = str(dtype).replace("torch.", "")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    # FP8 caches stream as fp8 (half the bytes) and are widened to bf16 in shared memory for the
+    # gemms; the descales fold into the score scale (q, k) and the output (v).
+    fp8 = dtype == "float8_e4m3fn"
+    math_dtype = "bfloat16" if fp8 else dtype
+    chunk = COPY_BYTES // (1 if fp8 else 2)  # elements per cp.async
     D = int(head_dim)
     if D not in HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {D}")
     bn0, st0 = default_config(D)
     bn = int(block_n or bn0)
     ring = int(stages or st0)
-    chunks_per_row = D // CHUNK
+    chunks_per_row = D // chunk
     rows_per_pass = THREADS // chunks_per_row
     passes = bn // rows_per_pass
     if ring < 2 or bn % rows_per_pass:
@@ -124,22 +130,23 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
     batch, total_q, heads_q, heads_k, num_splits = T.dynamic("batch, total_q, heads_q, heads_k, num_splits")
     kv0, kv1, cache_rows, max_pages = T.dynamic("kv0, kv1, cache_rows, max_pages")
     n_idx, n_pad, n_sink, n_tot, n_cu, n_tiles = T.dynamic("n_idx, n_pad, n_sink, n_tot, n_cu, n_tiles")
+    n_desc0, n_desc1 = T.dynamic("n_desc0, n_desc1")
 
     # Visible key positions of the query at position qpos: [lowest(qpos), highest(qpos)], both
     # non-decreasing in qpos, so a tile's keys lie between its first query's lowest and its last
     # query's highest. Windows of -1 and chunk 0 are unbounded.
-    def highest(qpos, window_right, chunk):
+    def highest(qpos, window_right, span):
         hi = qpos if causal else UNBOUNDED
         if local:
             hi = T.if_then_else(window_right >= 0, T.min(hi, qpos + window_right), hi)
-            hi = T.if_then_else(chunk > 0, T.min(hi, T.floordiv(qpos, T.max(chunk, 1)) * chunk + chunk - 1), hi)
+            hi = T.if_then_else(span > 0, T.min(hi, T.floordiv(qpos, T.max(span, 1)) * span + span - 1), hi)
         return hi
 
-    def lowest(qpos, window_left, chunk):
+    def lowest(qpos, window_left, span):  # span: the attention chunk
         if not local:
             return -UNBOUNDED
         lo = T.if_then_else(window_left >= 0, qpos - window_left, -UNBOUNDED)
-        return T.if_then_else(chunk > 0, T.max(lo, T.floordiv(qpos, T.max(chunk, 1)) * chunk), lo)
+        return T.if_then_else(span > 0, T.max(lo, T.floordiv(qpos, T.max(span, 1)) * span), lo)
 
     @T.macro
     def look_up_pages(pages, slots, page_table, cache_row, first_key, last_key, blk, my_row, page_size):
@@ -159,28 +166,31 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
         for i in T.unroll(passes):
             row = i * rows_per_pass + my_row
             if paged:
-                T.ptx_cp_async(T.access_ptr(k_s[slot, row, my_col], "w", CHUNK),
-                               T.access_ptr(k[pages[i], slots[i], kh, my_col], "r", CHUNK), CHUNK, blk < blk_end)
-                T.ptx_cp_async(T.access_ptr(v_s[slot, row, my_col], "w", CHUNK),
-                               T.access_ptr(v[pages[i], slots[i], kh, my_col], "r", CHUNK), CHUNK, blk < blk_end)
+                T.ptx_cp_async(T.access_ptr(k_s[slot, row, my_col], "w", chunk),
+                               T.access_ptr(k[pages[i], slots[i], kh, my_col], "r", chunk), chunk, blk < blk_end)
+                T.ptx_cp_async(T.access_ptr(v_s[slot, row, my_col], "w", chunk),
+                               T.access_ptr(v[pages[i], slots[i], kh, my_col], "r", chunk), chunk, blk < blk_end)
             else:
                 key = T.min(first_key + blk * bn + row, last_key)
-                T.ptx_cp_async(T.access_ptr(k_s[slot, row, my_col], "w", CHUNK),
-                               T.access_ptr(k[cache_row, key, kh, my_col], "r", CHUNK), CHUNK, blk < blk_end)
-                T.ptx_cp_async(T.access_ptr(v_s[slot, row, my_col], "w", CHUNK),
-                               T.access_ptr(v[cache_row, key, kh, my_col], "r", CHUNK), CHUNK, blk < blk_end)
+                T.ptx_cp_async(T.access_ptr(k_s[slot, row, my_col], "w", chunk),
+                               T.access_ptr(k[cache_row, key, kh, my_col], "r", chunk), chunk, blk < blk_end)
+                T.ptx_cp_async(T.access_ptr(v_s[slot, row, my_col], "w", chunk),
+                               T.access_ptr(v[cache_row, key, kh, my_col], "r", chunk), chunk, blk < blk_end)
         T.ptx_commit_group()
 
     @T.macro
     def body(q, k, v, page_table, cu_seqlens_q, tile_seq, tile_row, cache_seqlens, cache_batch_idx, cache_leftpad,
-             sinks, cp_total, out_partial, lse_partial, tile_count, max_seqlen_q, softmax_scale, window_left,
-             window_right, chunk, softcap_value, cp_world_size, cp_rank):
+             sinks, cp_total, q_descale, k_descale, v_descale, out_partial, lse_partial, tile_count, max_seqlen_q,
+             softmax_scale, window_left, window_right, attention_chunk, softcap_value, cp_world_size, cp_rank):
         with T.Kernel(tile_count, num_splits, heads_k, threads=THREADS) as (bt, bs, kh):
-            q_s = T.alloc_shared((bm, D), dtype)
+            q_s = T.alloc_shared((bm, D), math_dtype)
             k_s = T.alloc_shared((ring, bn, D), dtype)
             v_s = T.alloc_shared((ring, bn, D), dtype)
+            if fp8:  # the current block, widened for the gemms
+                k_wide = T.alloc_shared((bn, D), math_dtype)
+                v_wide = T.alloc_shared((bn, D), math_dtype)
             s = T.alloc_fragment((bm, bn), acc)
-            p = T.alloc_fragment((bm, bn), dtype)
+            p = T.alloc_fragment((bm, bn), math_dtype)
             o = T.alloc_fragment((bm, D), acc)
             m = T.alloc_fragment((bm,), acc)
             m_prev = T.alloc_fragment((bm,), acc)
@@ -213,9 +223,9 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
             # Query q sits at position q + q_off; key j at j * cp_world_size + cp_rank with context
             # parallelism (queries then align to the global key count), else at j.
             q_off = T.alloc_var("int32", init=(cp_total[bb] if cp else seqlen_k) - seqlen_q)
-            tile_lo = T.alloc_var("int32", init=lowest(r0 // group + q_off, window_left, chunk))
+            tile_lo = T.alloc_var("int32", init=lowest(r0 // group + q_off, window_left, attention_chunk))
             tile_hi = T.alloc_var("int32", init=highest((T.min(r0 + bm, rows) - 1) // group + q_off, window_right,
-                                                        chunk))
+                                                        attention_chunk))
             if cp:
                 key_lo = T.alloc_var("int32", init=T.ceildiv(T.max(tile_lo - cp_rank, 0), cp_world_size))
                 key_hi = T.alloc_var("int32", init=T.if_then_else(
@@ -236,23 +246,26 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
             # score is masked anyway).
             last_key = T.alloc_var("int32", init=first_key + T.max(seqlen_k - 1, 0))
             my_row = tx // chunks_per_row
-            my_col = (tx % chunks_per_row) * CHUNK
-            cs = softmax_scale * LOG2E
+            my_col = (tx % chunks_per_row) * chunk
+            # Scores: score_scale * q.k (raw units: q.k of the stored values), exp2 units: * log2(e).
+            score_scale = T.alloc_var(acc, init=softmax_scale * q_descale[bb, kh] * k_descale[bb, kh] if fp8
+                                      else softmax_scale)
+            cs = score_scale * LOG2E
 
             # Q tile: row r -> (query i = r // group, head kh * group + r % group); padding rows 0.
             for i, j in T.Parallel(bm, D):
                 r = r0 + i
-                q_s[i, j] = T.if_then_else(r < rows, q[q_start + r // group, kh * group + r % group, j],
-                                           T.cast(0, dtype))
+                q_s[i, j] = T.if_then_else(r < rows, T.cast(q[q_start + r // group, kh * group + r % group, j],
+                                                            math_dtype), T.cast(0, math_dtype))
             T.fill(o, 0)
             for i in T.Parallel(bm):
-                row_lo[i] = lowest((r0 + i) // group + q_off, window_left, chunk)
-                row_hi[i] = highest((r0 + i) // group + q_off, window_right, chunk)
+                row_lo[i] = lowest((r0 + i) // group + q_off, window_left, attention_chunk)
+                row_hi[i] = highest((r0 + i) // group + q_off, window_right, attention_chunk)
                 if sink:
                     # Split 0 starts from the sink's score: max = sink / scale (raw units), sum 1.
                     head = kh * group + (r0 + i) % group
                     start = T.if_then_else(bs == 0 and r0 + i < rows, sinks[T.min(head, heads_q - 1)], NEG_INF)
-                    m[i] = start / softmax_scale
+                    m[i] = start / score_scale
                     row_sum[i] = T.if_then_else(start == NEG_INF, 0, 1)
                 else:
                     m[i] = NEG_INF
@@ -276,14 +289,20 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
                 T.ptx_wait_group(ring - 1)
                 T.sync_threads()
                 n0 = (blk_lo + t) * bn
-                T.gemm(q_s, k_s[t % ring, :, :], s, transpose_B=True, clear_accum=True,
-                       policy=T.GemmWarpPolicy.FullRow)
+                if fp8:
+                    for i, j in T.Parallel(bn, D):
+                        k_wide[i, j] = T.cast(k_s[t % ring, i, j], math_dtype)
+                        v_wide[i, j] = T.cast(v_s[t % ring, i, j], math_dtype)
+                    T.gemm(q_s, k_wide, s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                else:
+                    T.gemm(q_s, k_s[t % ring, :, :], s, transpose_B=True, clear_accum=True,
+                           policy=T.GemmWarpPolicy.FullRow)
                 for i, j in T.Parallel(bm, bn):
                     key = n0 + j
                     position = key * cp_world_size + cp_rank if cp else key
                     ok = T.Not(empty) and key < seqlen_k and position >= row_lo[i] and position <= row_hi[i]
                     if softcap:  # in raw-score units: softcap * tanh(scaled / softcap) / scale
-                        s[i, j] = T.tanh(s[i, j] * (softmax_scale / softcap_value)) * (softcap_value / softmax_scale)
+                        s[i, j] = T.tanh(s[i, j] * (score_scale / softcap_value)) * (softcap_value / score_scale)
                     s[i, j] = T.if_then_else(ok, s[i, j], NEG_INF)
                 T.copy(m, m_prev)
                 T.reduce_max(s, m, dim=1, clear=False)
@@ -297,16 +316,20 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
                 for i, j in T.Parallel(bm, D):
                     o[i, j] *= alpha[i]
                 T.copy(s, p)
-                T.gemm(p, v_s[t % ring, :, :], o, policy=T.GemmWarpPolicy.FullRow)
+                if fp8:
+                    T.gemm(p, v_wide, o, policy=T.GemmWarpPolicy.FullRow)
+                else:
+                    T.gemm(p, v_s[t % ring, :, :], o, policy=T.GemmWarpPolicy.FullRow)
                 T.sync_threads()  # the slot is refilled by the next iteration's issue
             T.ptx_wait_group(0)
 
             # Epilogue: normalized partial output and lse of the rows of this tile.
+            value_scale = T.alloc_var(acc, init=v_descale[bb, kh] if fp8 else 1.0)
             for i, j in T.Parallel(bm, D):
                 r = r0 + i
                 if r < rows:
                     out_partial[bs, q_start + r // group, kh * group + r % group, j] = T.if_then_else(
-                        row_sum[i] > 0, o[i, j] / row_sum[i], 0)
+                        row_sum[i] > 0, o[i, j] * value_scale / row_sum[i], 0)
             for i in T.Parallel(bm):
                 r = r0 + i
                 if r < rows:
@@ -327,15 +350,19 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
         cache_leftpad: T.Tensor((n_pad,), "int32"),
         sinks: T.Tensor((n_sink,), acc),
         cp_total: T.Tensor((n_tot,), "int32"),
+        q_descale: T.Tensor((n_desc0, n_desc1), acc),
+        k_descale: T.Tensor((n_desc0, n_desc1), acc),
+        v_descale: T.Tensor((n_desc0, n_desc1), acc),
         out_partial: T.Tensor((num_splits, total_q, heads_q, D), acc),
         lse_partial: T.Tensor((num_splits, heads_q, total_q), acc),
         tile_count: T.int32, max_seqlen_q: T.int32, softmax_scale: T.float32, window_left: T.int32,
-        window_right: T.int32, chunk: T.int32, softcap_value: T.float32, cp_world_size: T.int32, cp_rank: T.int32,
+        window_right: T.int32, attention_chunk: T.int32, softcap_value: T.float32, cp_world_size: T.int32,
+        cp_rank: T.int32,
     ):
         T.annotate_pass_configs(PASS_CONFIGS)
         body(q, k, v, page_table, cu_seqlens_q, tile_seq, tile_row, cache_seqlens, cache_batch_idx, cache_leftpad,
-             sinks, cp_total, out_partial, lse_partial, tile_count, max_seqlen_q, softmax_scale, window_left,
-             window_right, chunk, softcap_value, cp_world_size, cp_rank)
+             sinks, cp_total, q_descale, k_descale, v_descale, out_partial, lse_partial, tile_count, max_seqlen_q,
+             softmax_scale, window_left, window_right, attention_chunk, softcap_value, cp_world_size, cp_rank)
 
     return flash_attn_decode
 
@@ -374,7 +401,7 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
            num_splits: int = 0, kernel=None, cache_batch_idx=None, cache_leftpad=None, learnable_sink=None,
            window: tuple[int, int] = (-1, -1), attention_chunk: int = 0, softcap: float = 0.0,
            cp_world_size: int = 1, cp_rank: int = 0, cp_tot_seqused_k=None, cu_seqlens_q=None,
-           max_seqlen_q: int | None = None) -> None:
+           max_seqlen_q: int | None = None, q_descale=None, k_descale=None, v_descale=None) -> None:
     """Split kernel + combine on torch tensors; no host sync (CUDA-graph capturable).
 
     q (batch, seqlen_q, heads_q, d), or (total_q, heads_q, d) with cu_seqlens_q (batch + 1,) int32
@@ -383,7 +410,8 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
     cache_batch_idx / cache_leftpad int32 (batch,) or None; learnable_sink (heads_q,) or None;
     window (left, right), -1 unbounded, on top of causal; attention_chunk (0: none); softcap (0:
     none); context parallelism: this rank's key j is global key j * cp_world_size + cp_rank and
-    queries align to cp_tot_seqused_k (batch,). out (shaped like q) and softmax_lse ((batch,
+    queries align to cp_tot_seqused_k (batch,). float8_e4m3fn q / k / v take q/k/v_descale (batch,
+    heads_k) (None: 1) and write a bfloat16 out. out (shaped like q) and softmax_lse ((batch,
     heads_q, seqlen_q), or (heads_q, total_q) with cu_seqlens_q) are written in place.
     num_splits <= 0 picks the count from static sizes.
     """
@@ -440,6 +468,16 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
         return seqused_k if value is None else value.to(torch.int32).contiguous()
 
     sinks = lse_partial.view(-1) if learnable_sink is None else learnable_sink.to(torch.float32).contiguous()
+    ones = None
+
+    def descale(value):  # float32 (batch, heads_k); an fp16/bf16 kernel never reads it
+        nonlocal ones
+        if value is not None:
+            return value.to(torch.float32).expand(batch, heads_k).contiguous()
+        if ones is None:
+            ones = lse_partial.view(-1)[:1].view(1, 1) if q.dtype != torch.float8_e4m3fn else torch.ones(
+                batch, heads_k, dtype=torch.float32, device=device)
+        return ones
     table = page_table.to(torch.int32).contiguous() if paged else seqused_k.view(1, -1)  # not read when dense
     if varlen_q:
         tile_seq, tile_row = _varlen_tiles(cu_seqlens_q.to(torch.int32), heads_q // heads_k, total_q)
@@ -449,8 +487,9 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
         tile_count = batch * -(-rows // BLOCK_M)
     kernel(q.view(total_q, heads_q, d), k, v, table, int_vector(cu_seqlens_q), tile_seq, tile_row, seqused_k,
            int_vector(cache_batch_idx), int_vector(cache_leftpad), sinks, int_vector(cp_tot_seqused_k if cp else None),
-           out_partial, lse_partial, tile_count, seqlen_q, float(softmax_scale), left, right, int(attention_chunk),
-           float(softcap), int(cp_world_size) if cp else 1, int(cp_rank) if cp else 0)
+           descale(q_descale), descale(k_descale), descale(v_descale), out_partial, lse_partial, tile_count,
+           seqlen_q, float(softmax_scale), left, right, int(attention_chunk), float(softcap),
+           int(cp_world_size) if cp else 1, int(cp_rank) if cp else 0)
     if varlen_q:  # one "batch" of total_q rows; the LSE is (heads, total_q)
         _combine(out_partial.view(num_splits, 1, total_q, heads_q, d),
                  lse_partial.view(num_splits, heads_q, 1, total_q).permute(0, 2, 3, 1),
