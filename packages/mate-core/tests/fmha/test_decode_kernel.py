@@ -30,6 +30,16 @@ def test_num_splits_heuristic():
     assert decode_kernel.num_splits_heuristic(1, 1, 1, 1, 128, 132) == 1
 
 
+def test_varlen_tile_map():
+    # Sequences of 1, 2, 0, 8 and 200 queries, 8 query heads per kv head: 64-row tiles of q * 8 rows.
+    cu_seqlens_q = torch.tensor([0, 1, 3, 3, 11, 211], dtype=torch.int32)
+    tile_seq, tile_row = decode_kernel._varlen_tiles(cu_seqlens_q, 8, 211)
+    tiles = [(seq, row) for seq, row in zip(tile_seq.tolist(), tile_row.tolist(), strict=True) if seq < 5]
+    assert tiles == [(0, 0), (1, 0), (3, 0)] + [(4, 64 * t) for t in range(25)]
+    # The map has a static length (no host sync): ceil(211 * 8 / 64) + batch entries; the rest is past the end.
+    assert tile_seq.shape == (-(-211 * 8 // 64) + 5,) and tile_seq[len(tiles):].eq(5).all()
+
+
 def test_build_rejects_bad_arguments():
     with pytest.raises(ValueError, match="dtype"):
         decode_kernel.build("float32", 128, True, False)
