@@ -657,3 +657,38 @@ def test_signature_matches_the_original(function):
     for param, (name, default) in zip(params[required:], SIGNATURES[function][required:], strict=True):
         assert param.default == default, name
     assert function.__mate_api__ == f"fmha.{function.__name__}"
+
+
+@pytest.mark.parametrize("seqused, leftpad", [(False, False), (True, False), (True, True)])
+def test_packed_keys_as_one_cache_row_mean_the_same_keys(seqused, leftpad):
+    # FP8 varlen calls run the decode kernel by viewing packed keys as a single cache row.
+    from mate.ops.fmha.attention import _packed_keys_as_cache
+
+    gen = testing.generator(f"packed-keys{seqused}{leftpad}")
+    lengths_q, lengths_k = [3, 1, 4], [9, 5, 12]
+    cu_q = torch.tensor([0, 3, 4, 8], dtype=torch.int32)
+    cu_k = torch.tensor([0, 9, 14, 26], dtype=torch.int32)
+    q, k, v = randn(gen, 8, 4, 64), randn(gen, 26, 2, 64), randn(gen, 26, 2, 64)
+    used = torch.tensor([7, 5, 10], dtype=torch.int32) if seqused else None
+    pad = torch.tensor([2, 0, 3], dtype=torch.int32) if leftpad else None
+    common = dict(cu_seqlens_q=cu_q, max_seqlen_q=max(lengths_q), causal=True)
+    want = reference.attention_forward(q, k, v, cu_seqlens_k=cu_k, max_seqlen_k=max(lengths_k), seqused_k=used,
+                                       leftpad_k=pad, **common)
+    k_row, v_row, rows, start, end = _packed_keys_as_cache(k, v, cu_k, used, pad)
+    got = reference.attention_forward(q, k_row, v_row, kv_batch_idx=rows, leftpad_k=start, seqused_k=end, **common)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_fp8_varlen_call_takes_the_decode_kernel_with_packed_keys(fake_gpu, monkeypatch):
+    calls = []
+    monkeypatch.setattr("mate.ops.fmha.decode_kernel.launch", lambda *args, **kwargs: calls.append((args, kwargs)))
+    gen = testing.generator("fp8-varlen-dispatch")
+    cu_q = torch.tensor([0, 3, 20], dtype=torch.int32)
+    cu_k = torch.tensor([0, 9, 30], dtype=torch.int32)
+    q, k, v = (randn(gen, n, 2, 64).to(FP8) for n in (20, 30, 30))
+    flash_attn_varlen_func(q, k, v, cu_q, cu_k, 17, 21, causal=True)
+    (args, kwargs), = calls
+    assert args[1].shape == (1, 30, 2, 64) and args[3] is None  # one dense cache row, not paged
+    assert kwargs["cache_batch_idx"].tolist() == [0, 0] and kwargs["cache_leftpad"].tolist() == [0, 9]
+    assert args[4].tolist() == [9, 30] and kwargs["cu_seqlens_q"] is not None

@@ -285,15 +285,27 @@ def _decode_variant(variant: dict, args: dict[str, Any]) -> dict | None:
     # so do FP8 inputs (the prefill kernel has no FP8 path).
     few_queries = (args["max_seqlen_q"] if varlen_q else q.shape[1]) <= DECODE_MAX_SEQLEN_Q
     fp8 = variant["dtype"] == torch.float8_e4m3fn
+    packed_keys = args["cu_seqlens_k"] is not None  # served as one cache row (see _packed_keys_as_cache), FP8 only
     if (q.dim() != (3 if varlen_q else 4) or not (few_queries or variant["paged_kv"] or fp8)
             or variant["head_dim"] != variant["head_dim_v"]
             or q.shape[-1] != variant["head_dim"] or any(variant[name] for name in DECODE_FEATURES_OFF)
-            or args["cu_seqlens_k"] is not None or args["seqused_q"] is not None):
+            or (packed_keys and not fp8) or args["seqused_q"] is not None):
         return None
     return {"dtype": variant["dtype"], "head_dim": variant["head_dim"], "paged": variant["paged_kv"],
-            "causal": variant["causal"], "leftpad": variant["leftpad_k"], "batch_idx": variant["kv_batch_idx"],
+            "causal": variant["causal"], "leftpad": variant["leftpad_k"] or packed_keys,
+            "batch_idx": variant["kv_batch_idx"] or packed_keys,
             "sink": variant["learnable_sink"], "local": variant["local"], "softcap": variant["softcap"],
             "cp": variant["context_parallel"], "varlen_q": varlen_q}
+
+
+def _packed_keys_as_cache(k, v, cu_seqlens_k, seqused_k, leftpad_k):
+    """Packed keys (total_k, heads_k, d) with cu_seqlens_k as the decode kernel's dense cache: one
+    cache row (every cache_batch_idx 0) in which sequence b keeps rows [start, end): its leftpad
+    and seqused_k bounds (FA3's) shifted by cu_seqlens_k[b]. Views and small vectors only."""
+    first = cu_seqlens_k[:-1]
+    end = first + (seqused_k if seqused_k is not None else cu_seqlens_k[1:] - first)
+    start = first + leftpad_k if leftpad_k is not None else first
+    return k.unsqueeze(0), v.unsqueeze(0), torch.zeros_like(first), start, end
 
 
 def select_backend(variant: dict, device: torch.device, backend: str = "auto") -> str:
@@ -475,6 +487,9 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Te
             and dispatch.select(DECODE, decode, q.device, choice) == "tilelang"):
         from mate.ops.fmha import decode_kernel
 
+        if cu_seqlens_k is not None:
+            k, v, kv_batch_idx, leftpad_k, seqused_k = _packed_keys_as_cache(k, v, cu_seqlens_k, seqused_k,
+                                                                              leftpad_k)
         decode_kernel.launch(q, k, v, page_table, seqused_k, softmax_scale, decode["causal"], out, softmax_lse,
                              num_splits=num_splits, cache_batch_idx=kv_batch_idx, cache_leftpad=leftpad_k,
                              learnable_sink=learnable_sink,
