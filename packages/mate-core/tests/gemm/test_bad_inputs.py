@@ -137,16 +137,22 @@ def test_gpu_without_kernel_raises_unsupported(fake_gpu, monkeypatch):
         api.fp8_gemm_nt(a, b, d, recipe=(1, 1, 128))
     with pytest.raises(mate.UnsupportedError, match="out_dtype=float32"):
         api.fp8_gemm_nt(_ab()[0], _ab()[1], torch.empty(32, 128))
-    with pytest.raises(mate.UnsupportedError, match="no TileLang GEMM kernel yet"):
+    with pytest.raises(mate.UnsupportedError, match="does not support n_multiple_of_8=False"):
         api.bf16_gemm_nt(torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16),
                          torch.empty(4, 4))
+    with pytest.raises(mate.UnsupportedError, match="no TileLang GEMM kernel yet"):
+        api.m_grouped_bf16_gemm_nt_masked(torch.randn(1, 4, 8, dtype=torch.bfloat16),
+                                          torch.randn(1, 8, 8, dtype=torch.bfloat16),
+                                          torch.empty(1, 4, 8, dtype=torch.bfloat16),
+                                          torch.tensor([4], dtype=torch.int32), 4)
 
 
 def test_gpu_fallback_runs_reference(fake_gpu, monkeypatch):
     monkeypatch.setenv("MATE_ALLOW_REFERENCE_FALLBACK", "1")
     a, b = _ab()
     d = torch.full((32, 128), float("nan"), dtype=torch.bfloat16)
-    with pytest.warns(UserWarning, match="no TileLang GEMM kernel yet"):
+    with pytest.warns(UserWarning, match="running the PyTorch reference because the kernel does not support "
+                                         "n_multiple_of_8=False"):
         api.bf16_gemm_nt(torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16),
                          torch.empty(4, 4))
     a, b = _ab_per_channel()

@@ -56,3 +56,28 @@ def test_kernel_compiles_for_sm90a(layout, n, k, tile):
     else:
         assert "tl::tma_store(d_desc" in src
 
+
+@pytest.mark.compile
+@pytest.mark.parametrize("major_a,major_b,out_dtype,tile", [("K", "K", "bfloat16", "m128n256"),
+                                                          ("MN", "MN", "float32", "m128n256"),
+                                                          ("K", "MN", "float16", "m64n128"),
+                                                          ("K", "K", "bfloat16", "m128n192")])
+def test_bf16_kernel_compiles_for_sm90a(major_a, major_b, out_dtype, tile):
+    import torch
+    from mate.ops.gemm import bf16_kernel, bf16_launch
+
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    ab = torch.float16 if out_dtype == "float16" else torch.bfloat16
+    variant = bf16_launch.variant(ab, major_a, major_b, dtypes[out_dtype], False, 2048, 7168)
+    variant.update(n=2048, k=7168, tile=tile)
+    op = support.BF16_GEMM
+    kernel = jit.get_kernel(op.name, variant, platform.tilelang_target("sm_90a"), op.build)
+    src = kernel.get_kernel_source()
+    assert "tl::tma_load(a_desc" in src and "tl::tma_load(b_desc" in src
+    assert "warpgroup_reg_alloc" in src and "kb < 112" in src  # warp-specialized; static K loop (7168 / 64)
+    block_n = 128 if out_dtype == "float32" else bf16_kernel.TILES[tile]["block_n"]
+    dtype = "kFloat16" if ab == torch.float16 else "kBFloat16"
+    assert re.search(rf"wgmma_ss<tl::DataType::{dtype}, tl::DataType::{dtype}, tl::DataType::kFloat32, "
+                     rf"64, {block_n}, 16", src)
+    assert "tl::tma_store(d_desc" in src
+    assert bf16_kernel.TILES[tile]

@@ -368,7 +368,7 @@ def test_gpu_without_kernel_raises_unsupported(fake_gpu, monkeypatch):
     out = torch.empty(2, 64, 128, dtype=torch.float16)
     with pytest.raises(mate.UnsupportedError, match="does not support out_dtype=float16"):
         mate.gemm.masked_moe_gemm_8bit(a, b, info, out)
-    with pytest.raises(mate.UnsupportedError, match="no TileLang GEMM kernel yet"):
+    with pytest.raises(mate.UnsupportedError, match="does not support n_multiple_of_8=False"):
         mate.gemm.bmm_fp16(torch.zeros(1, 4, 8, dtype=torch.float16), torch.zeros(1, 8, 4, dtype=torch.float16),
                            torch.float16)
 
@@ -388,7 +388,7 @@ def test_kernel_backends_raise_unsupported(backend):
     a, b, info = _masked_inputs()
     with pytest.raises(mate.UnsupportedError, match="the tilelang backend needs a GPU"):
         mate.gemm.masked_moe_gemm_8bit(a, b, info, None, backend=backend)
-    with pytest.raises(mate.UnsupportedError, match=f"backend='{backend}'"):
+    with pytest.raises(mate.UnsupportedError, match="the tilelang backend needs a GPU"):
         mate.gemm.bmm_fp16(torch.zeros(1, 4, 8, dtype=torch.float16), torch.zeros(1, 8, 4, dtype=torch.float16),
                            torch.float16, backend=backend)
 

@@ -8,8 +8,10 @@ variants take transposed operands (B as (K, N), A as (K, M), scales transposed a
 
 Backends: the PyTorch reference (:mod:`mate.ops.gemm.reference`) on the CPU; on a GPU the TileLang
 FP8 kernel (:mod:`mate.ops.gemm.fp8_kernel`) for the FP8 NT GEMMs, dense and M-grouped (contiguous
-and masked), within the support matrices of :mod:`mate.ops.gemm.support`. Other variants (BF16,
-K-grouped, MN-major operands, per-channel B scales, float32 out / C) raise
+and masked), and the TileLang BF16 kernel (:mod:`mate.ops.gemm.bf16_kernel`) for the dense BF16 /
+FP16 GEMMs (any of nt/nn/tn/tt, no C), within the support matrices of :mod:`mate.ops.gemm.support`.
+Other variants (grouped BF16, K-grouped, MN-major FP8 operands, per-channel B scales, FP8 float32
+out / C) raise
 :class:`mate.UnsupportedError` on a GPU, or run the reference (with one warning) under
 MATE_ALLOW_REFERENCE_FALLBACK=1 or MATE_BACKEND=reference.
 """
@@ -23,7 +25,7 @@ import torch
 
 from mate import checks, dispatch, env, platform
 from mate.api import call_op, mate_api
-from mate.ops.gemm import fp8_launch, layouts, reference
+from mate.ops.gemm import bf16_launch, fp8_launch, layouts, reference
 from mate.ops.gemm import support as gemm_support
 
 FP8 = torch.float8_e4m3fn
@@ -248,8 +250,8 @@ def _bf16_gemm(a, b, d, c, names: tuple[str, str]) -> None:
     _check_c(c, d)
     if _early_return(m, n, k, d, c):
         return
-    variant = {"major_a": major_a, "major_b": major_b, "out_dtype": d.dtype, "accumulate": c is not None}
-    _select(gemm_support.BF16_GEMM, variant, device)
+    _select(gemm_support.BF16_GEMM, bf16_launch.variant(a.dtype, major_a, major_b, d.dtype, c is not None, n, k),
+            device)
     call_op(torch.ops.mate.gemm_nt, _gemm_nt, a, b, d, None, None, c, 1, 1)
 
 
@@ -311,7 +313,8 @@ def _plain_gemm(a, b, d, c, names):
     _check_c(c, d)
     if _early_return(a.shape[0], b.shape[0], a.shape[1], d, c):
         return
-    _select(gemm_support.BF16_GEMM, {"dtype": a.dtype, "out_dtype": d.dtype}, a.device)
+    _select(gemm_support.BF16_GEMM, bf16_launch.variant(a.dtype, _major(names[0], a), _major(names[1], b), d.dtype,
+                                                        c is not None, b.shape[0], a.shape[1]), a.device)
     call_op(torch.ops.mate.gemm_nt, _gemm_nt, a, b, d, None, None, c, 1, 1)
 
 
@@ -628,6 +631,12 @@ def _gemm_nt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, sfa: torch.Tenso
                                     c is not None, b.shape[0], b.dtype)
         if _runs_kernel(gemm_support.FP8_GEMM, variant, a.device):
             fp8_launch.fp8_gemm_nt(gemm_support.FP8_GEMM.name, gemm_support.FP8_GEMM.build, a, sfa, b, sfb, d)
+            return
+    if sfa is None and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype and a.dim() == 2:
+        variant = bf16_launch.variant(a.dtype, _major("a", a), _major("b", b), d.dtype, c is not None, b.shape[0],
+                                      a.shape[1])
+        if _runs_kernel(gemm_support.BF16_GEMM, variant, a.device):
+            bf16_launch.gemm(gemm_support.BF16_GEMM.name, gemm_support.BF16_GEMM.build, a, b, d)
             return
     d.copy_(reference.gemm_nt(a, b, c, sfa=sfa, sfb=sfb, gran_a=(gran_a_mn, SCALE_BLOCK_K),
                               gran_b=(gran_b_mn, SCALE_BLOCK_K), out_dtype=d.dtype))

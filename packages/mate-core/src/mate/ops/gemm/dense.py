@@ -1,5 +1,4 @@
-"""MATE's own dense GEMM API (`mate.gemm.gemm_fp8_nt_groupwise`, `bmm_fp8`, `bmm_fp16`), on the
-reference path.
+"""MATE's own dense GEMM API (`mate.gemm.gemm_fp8_nt_groupwise`, `bmm_fp8`, `bmm_fp16`).
 
 The math is :mod:`mate.ops.gemm.reference` (dequantize, then multiply in float32); this module
 only checks the arguments, maps the original `backend` names and lays the result into `out`.
@@ -8,7 +7,8 @@ Backends: the original names kernel libraries ("mudnn", "mubin", "mutlass"); the
 "tilelang" here, "auto" stays "auto" (MATE_BACKEND, then the CPU reference, or the reference on a
 GPU under MATE_ALLOW_REFERENCE_FALLBACK=1), "reference" forces the reference. The TileLang FP8
 kernel serves gemm_fp8_nt_groupwise and bmm_fp8 (as the masked M-grouped kernel, one group per
-batch) with e4m3 operands, recipe (1, 128, 128) and bf16 out; bmm_fp16 has no kernel yet.
+batch) with e4m3 operands, recipe (1, 128, 128) and bf16 out; the TileLang BF16 kernel
+(:mod:`mate.ops.gemm.bf16_kernel`, the batch as its grid's z axis) serves bmm_fp16 without c.
 
 Scale tensors: a granularity of -1 means "the whole dimension" (one scale along it).
 """
@@ -20,7 +20,7 @@ import torch
 from mate import checks, dispatch
 from mate.api import call_op, mate_api
 from mate.ops.gemm import api as _gemm_api
-from mate.ops.gemm import reference
+from mate.ops.gemm import bf16_launch, reference
 from mate.ops.gemm import support as gemm_support
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -268,7 +268,15 @@ def bmm_fp16(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, out=None,
     n = b.shape[2]
     checks.dtype_choice("out_dtype", out_dtype, HALF_DTYPES + (torch.float32,))
     out = _batched_out_and_accumulator(out, c, (batch, m, n), out_dtype, device)
-    variant = {"major_a": "K", "major_b": "MN", "out_dtype": out_dtype, "accumulate": c is not None}
-    resolve_backend(backend, gemm_support.BF16_GEMM, variant, device)
+    variant = bf16_launch.variant(a.dtype, bf16_launch.major_of(a), bf16_launch.major_of(b.transpose(1, 2)),
+                                  out_dtype, c is not None, n, k)
+    choice = resolve_backend(backend, gemm_support.BF16_GEMM, variant, device)
+    if choice == "tilelang" and batch and m and n:
+        op = gemm_support.BF16_GEMM
+        if k == 0:
+            out.zero_()
+        else:
+            bf16_launch.gemm(op.name, op.build, a, b.transpose(1, 2), out)
+        return out
     out.copy_(reference.gemm_nt(a, b.transpose(1, 2), c, out_dtype=torch.float32))
     return out

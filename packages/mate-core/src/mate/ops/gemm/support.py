@@ -2,10 +2,12 @@
 
 Registered with dispatch (a kernel exists): the FP8 block-scaled GEMM (`gemm.fp8_gemm`: the NT
 layout, recipe (1, 128, 128), bf16 out, no accumulator) and its M-grouped forms (contiguous and
-masked), all one TileLang kernel (:mod:`mate.ops.gemm.fp8_kernel`). Declared but not registered
-(no kernel yet): the K-grouped and the BF16 GEMMs; on a GPU they raise UnsupportedError ("no
-TileLang GEMM kernel yet"), or run the reference under MATE_ALLOW_REFERENCE_FALLBACK=1. On the
-CPU every GEMM runs the reference.
+masked), all one TileLang kernel (:mod:`mate.ops.gemm.fp8_kernel`); the dense BF16/FP16 GEMM
+(`gemm.bf16_gemm`: DeepGEMM's bf16_gemm_{nt,nn,tn,tt} without C, mate.gemm.bmm_fp16 without c;
+:mod:`mate.ops.gemm.bf16_kernel`). Declared but not registered (no kernel yet): the K-grouped GEMMs
+and the M-grouped BF16 GEMMs; on a GPU they raise UnsupportedError ("no TileLang GEMM kernel
+yet"), or run the reference under MATE_ALLOW_REFERENCE_FALLBACK=1. On the CPU every GEMM runs
+the reference.
 
 The kernels take N and K as compile-time constants (one compile per weight shape and layout,
 every M served by it) and need N % 8 == 0 (16-byte rows of D for TMA) and K % 128 == 0 (the API
@@ -31,6 +33,15 @@ def _build_fp8(n: int, k: int, layout: str, tile: str = "m128n128", **features):
     from mate.ops.gemm import fp8_kernel
 
     return fp8_kernel.build(n, k, layout, **fp8_kernel.TILES[tile])
+
+
+def _build_bf16(n: int, k: int, ab_dtype, major_a: str, major_b: str, out_dtype, tile: str = "m128n256",
+                **features):
+    """The kernel of a variant from bf16_launch (the feature values other than these are fixed)."""
+    from mate.ops.gemm import bf16_kernel
+    from mate.ops.gemm.bf16_launch import DTYPE_NAMES
+
+    return bf16_kernel.build(n, k, major_a, major_b, DTYPE_NAMES[ab_dtype], DTYPE_NAMES[out_dtype], tile)
 
 
 def _fp8_aot(shapes, layouts):
@@ -89,13 +100,15 @@ M_GROUPED_FP8_GEMM = dispatch.register(_op("gemm.m_grouped_fp8_gemm", {
     lambda: _fp8_aot(GROUPED_AOT_SHAPES, ("contiguous", "masked"))))
 K_GROUPED_FP8_GEMM = _op("gemm.k_grouped_fp8_gemm", {
     "major_a": ("K",), "major_b": ("K",), "out_dtype": (torch.float32,), "recipe": ((1, 1, 128),), "psum": (False,)})
-BF16_GEMM = _op("gemm.bf16_gemm", {
-    "major_a": ("K", "MN"), "major_b": ("K", "MN"), "out_dtype": OUT_DTYPES, "accumulate": (False, True)})
+BF16_GEMM = dispatch.register(_op("gemm.bf16_gemm", {
+    "ab_dtype": (torch.bfloat16, torch.float16), "major_a": ("K", "MN"), "major_b": ("K", "MN"),
+    "out_dtype": (torch.bfloat16, torch.float16, torch.float32), "accumulate": (False,),
+    "n_multiple_of_8": (True,), "k_multiple_of_8": (True,)}, _build_bf16))
 M_GROUPED_BF16_GEMM = _op("gemm.m_grouped_bf16_gemm", {
     "layout": ("contiguous", "masked"), "major_a": ("K",), "major_b": ("K", "MN"), "out_dtype": (torch.bfloat16,),
     "psum": (False,)})
 K_GROUPED_BF16_GEMM = _op("gemm.k_grouped_bf16_gemm", {
     "major_a": ("MN",), "major_b": ("MN",), "out_dtype": (torch.float32,), "psum": (False,)})
 
-KERNEL_OPS = (FP8_GEMM, M_GROUPED_FP8_GEMM)
+KERNEL_OPS = (FP8_GEMM, M_GROUPED_FP8_GEMM, BF16_GEMM)
 OPS = (FP8_GEMM, M_GROUPED_FP8_GEMM, K_GROUPED_FP8_GEMM, BF16_GEMM, M_GROUPED_BF16_GEMM, K_GROUPED_BF16_GEMM)

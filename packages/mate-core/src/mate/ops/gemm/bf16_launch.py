@@ -1,0 +1,91 @@
+"""Host side of the TileLang BF16 / FP16 GEMM (:mod:`mate.ops.gemm.bf16_kernel`): operand
+views, the kernel variant and tile, the launch. No host sync (CUDA-graph capturable).
+
+The kernel reads A as (G, M, K) or (G, K, M) and B as (G, N, K) or (G, K, N), whichever is how
+the caller's tensor is stored, so DeepGEMM's nt / nn / tn / tt layouts and torch.bmm's (batch,
+k, n) B need no copy. A copy is made only when an operand is neither (a strided view) or when
+A is stored M-major with M not a multiple of 8 (TMA wants 16-byte aligned strides).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mate import jit, platform
+
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+FILL = 0.75
+# Large tiles and their throughput per SM relative to 128 x 256, measured on H100 at M = 4096 where
+# the waves are full (benchmarks/PERFORMANCE.md "gemm"): 128 x 192 0.89-1.0x, 128 x 128 0.85-0.86x
+# (more L2 bytes per FLOP).
+TILE_SPEED = {"m128n256": 1.0, "m128n192": 0.9, "m128n128": 0.85}
+
+
+def tile_for(m: int, n: int, groups: int, sms: int) -> str:
+    """64 x 128 for small M with few blocks (weight-bandwidth-bound); otherwise the 128-row tile
+    that finishes first counting whole waves over the SMs: waves x block_n / the tile's speed
+    (128 x 192 fills the waves of N = 2112 where 128 x 256 leaves 2.2 waves)."""
+    if m <= 64 and groups * -(-n // 128) < FILL * sms:
+        return "m64n128"
+    best, best_cost = None, None
+    for tile, speed in TILE_SPEED.items():
+        bn = int(tile.split("n")[-1])
+        tiles = groups * -(-m // 128) * -(-n // bn)
+        cost = -(-tiles // sms) * bn / speed
+        if best_cost is None or cost < best_cost - 1e-9:
+            best, best_cost = tile, cost
+    return best
+
+
+def variant(ab_dtype: torch.dtype, major_a: str, major_b: str, out_dtype: torch.dtype, accumulate: bool,
+            n: int, k: int) -> dict:
+    """The dispatch variant (gemm_support.BF16_GEMM's features)."""
+    return {"ab_dtype": ab_dtype, "major_a": major_a, "major_b": major_b, "out_dtype": out_dtype,
+            "accumulate": bool(accumulate), "n_multiple_of_8": n % 8 == 0, "k_multiple_of_8": k % 8 == 0}
+
+
+def major_of(t: torch.Tensor) -> str:
+    """"MN" when the rows dimension (the one before K) is the contiguous one, else "K" (any other
+    stride pattern is copied to K-major by the launch)."""
+    return "MN" if t.stride(-1) != 1 and t.stride(-2) == 1 and t.shape[-1] > 1 else "K"
+
+
+def _packed(t: torch.Tensor) -> bool:
+    return t.is_contiguous() and t.data_ptr() % 16 == 0
+
+
+def _operand(t: torch.Tensor, rows_aligned: bool) -> tuple[torch.Tensor, str]:
+    """(G, rows, K) logical -> the tensor the kernel reads and its major ("K": (G, rows, K),
+    "MN": (G, K, rows))."""
+    if _packed(t):
+        return t, "K"
+    tt = t.transpose(1, 2)
+    if rows_aligned and _packed(tt):
+        return tt, "MN"
+    if rows_aligned and t.stride(1) == 1:
+        return tt.contiguous(), "MN"
+    return t.contiguous() if t.data_ptr() % 16 == 0 or not t.is_contiguous() else t.clone(), "K"
+
+
+def gemm(op_name: str, build, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> None:
+    """d (G, M, N) = A (G, M, K) . B (G, N, K)^T per group; 2-D operands are one group. A and B
+    are logical views (any major); d row-major."""
+    squeeze = a.dim() == 2
+    if squeeze:
+        a, b, d = a.unsqueeze(0), b.unsqueeze(0), d.unsqueeze(0)
+    groups, m, k = a.shape
+    n = b.shape[1]
+    for t in (a, b, d):
+        if t.numel() >= 2**31:
+            raise NotImplementedError(f"the BF16 GEMM kernel indexes with 32-bit integers; a tensor of shape "
+                                      f"{tuple(t.shape)} has {t.numel()} elements (at most 2**31 - 1 supported)")
+    a_k, major_a = _operand(a, m % 8 == 0)
+    b_k, major_b = _operand(b, True)
+    out = d if _packed(d) else torch.empty(d.shape, dtype=d.dtype, device=d.device)
+    info = platform.device_info(a.device)
+    key = variant(a.dtype, major_a, major_b, d.dtype, False, n, k)
+    key.update(n=int(n), k=int(k), tile=tile_for(m, n, groups, info.multiprocessors))
+    kernel = jit.get_kernel(op_name, key, info.tilelang_target, build)
+    kernel(a_k, b_k, out)
+    if out is not d:
+        d.copy_(out)
