@@ -71,6 +71,7 @@ whose max is still -inf using 0 as its max. A split with no key block still runs
 masked block, so every path issues the same gemms.
 """
 
+import functools
 import math
 
 import tilelang.language as T
@@ -369,6 +370,7 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
 
 # ---- host side --------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=4096)  # static sizes repeat call after call
 def num_splits_heuristic(batch: int, heads_k: int, row_blocks: int, max_seqlen_k: int, head_dim: int,
                          multiprocessors: int, max_splits: int = MAX_SPLITS) -> int:
     """Splits per sequence from static sizes only (FA3's rule): none when the grid already fills
@@ -468,16 +470,13 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
         return seqused_k if value is None else value.to(torch.int32).contiguous()
 
     sinks = lse_partial.view(-1) if learnable_sink is None else learnable_sink.to(torch.float32).contiguous()
-    ones = None
-
-    def descale(value):  # float32 (batch, heads_k); an fp16/bf16 kernel never reads it
-        nonlocal ones
-        if value is not None:
-            return value.to(torch.float32).expand(batch, heads_k).contiguous()
-        if ones is None:
-            ones = lse_partial.view(-1)[:1].view(1, 1) if q.dtype != torch.float8_e4m3fn else torch.ones(
-                batch, heads_k, dtype=torch.float32, device=device)
-        return ones
+    if q.dtype == torch.float8_e4m3fn:  # float32 (batch, heads_k) descales, 1 where not given
+        ones = None if all(t is not None for t in (q_descale, k_descale, v_descale)) else torch.ones(
+            batch, heads_k, dtype=torch.float32, device=device)
+        descales = [ones if t is None else t.to(torch.float32).expand(batch, heads_k).contiguous()
+                    for t in (q_descale, k_descale, v_descale)]
+    else:  # never read by an fp16/bf16 kernel
+        descales = [lse_partial.view(-1)[:1].view(1, 1)] * 3
     table = page_table.to(torch.int32).contiguous() if paged else seqused_k.view(1, -1)  # not read when dense
     if varlen_q:
         tile_seq, tile_row = _varlen_tiles(cu_seqlens_q.to(torch.int32), heads_q // heads_k, total_q)
@@ -487,7 +486,7 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
         tile_count = batch * -(-rows // BLOCK_M)
     kernel(q.view(total_q, heads_q, d), k, v, table, int_vector(cu_seqlens_q), tile_seq, tile_row, seqused_k,
            int_vector(cache_batch_idx), int_vector(cache_leftpad), sinks, int_vector(cp_tot_seqused_k if cp else None),
-           descale(q_descale), descale(k_descale), descale(v_descale), out_partial, lse_partial, tile_count,
+           *descales, out_partial, lse_partial, tile_count,
            seqlen_q, float(softmax_scale), left, right, int(attention_chunk), float(softcap),
            int(cp_world_size) if cp else 1, int(cp_rank) if cp else 0)
     if varlen_q:  # one "batch" of total_q rows; the LSE is (heads, total_q)
