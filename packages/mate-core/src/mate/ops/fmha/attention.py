@@ -274,7 +274,7 @@ DECODE = dispatch.register(dispatch.Op(
     aot_variants=lambda: [{"dtype": dtype, "head_dim": d, "paged": paged, "causal": causal, "leftpad": False,
                            "batch_idx": False, "sink": False, "local": False, "softcap": False, "cp": False,
                            "varlen_q": False}
-                          for dtype in (torch.bfloat16, torch.float16) for d in (64, 128, 256)
+                          for dtype in (torch.bfloat16, torch.float16, torch.float8_e4m3fn) for d in (64, 128, 256)
                           for paged in (False, True) for causal in (False, True)]))
 
 
