@@ -1,6 +1,7 @@
 """Split-KV decode (flash_attn_with_kvcache, no append): achieved KV-read bandwidth vs the
 measured copy bandwidth (goal >= 85%) for batch 128, 32 q heads / 8 kv heads, d 128, 8192 cached
-tokens, paged KV with page size 64 and 1, plus a dense cache and a small-batch (split) shape.
+tokens, paged KV with page size 64 and 1, plus a dense cache, a small-batch (split) shape and an FP8
+(e4m3) cache, whose bytes are half.
 
 Usage: python benchmarks/bench_fmha_decode.py [--out benchmarks/results]
 """
@@ -15,29 +16,35 @@ import torch
 from mate.ops.fmha import decode_kernel
 from mate.testing import bench
 
-# (batch, heads_q, heads_k, head_dim, cached tokens, page_size or None for dense, seqlen_q)
+BF16, FP8 = torch.bfloat16, torch.float8_e4m3fn
+# (batch, heads_q, heads_k, head_dim, cached tokens, page_size or None for dense, seqlen_q, dtype)
 SHAPES = [
-    (128, 32, 8, 128, 8192, 64, 1),
-    (128, 32, 8, 128, 8192, 1, 1),
-    (128, 32, 8, 128, 8192, None, 1),
-    (128, 32, 8, 128, 8192, 64, 4),
-    (4, 32, 8, 128, 32768, 64, 1),
+    (128, 32, 8, 128, 8192, 64, 1, BF16),
+    (128, 32, 8, 128, 8192, 1, 1, BF16),
+    (128, 32, 8, 128, 8192, None, 1, BF16),
+    (128, 32, 8, 128, 8192, 64, 4, BF16),
+    (4, 32, 8, 128, 32768, 64, 1, BF16),
+    (128, 32, 8, 128, 8192, 64, 1, FP8),
 ]
 
 
-def _inputs(batch, heads_q, heads_k, d, seqlen, page_size, seqlen_q, dtype=torch.bfloat16):
-    q = torch.randn(batch, seqlen_q, heads_q, d, device="cuda", dtype=dtype)
+def _randn(*shape, dtype):
+    return torch.randn(*shape, device="cuda").to(dtype)
+
+
+def _inputs(batch, heads_q, heads_k, d, seqlen, page_size, seqlen_q, dtype):
+    q = _randn(batch, seqlen_q, heads_q, d, dtype=dtype)
     if page_size is None:
-        k = torch.randn(batch, seqlen, heads_k, d, device="cuda", dtype=dtype)
-        v = torch.randn_like(k)
+        k = _randn(batch, seqlen, heads_k, d, dtype=dtype)
+        v = _randn(batch, seqlen, heads_k, d, dtype=dtype)
         page_table = None
     else:
         pages = seqlen // page_size
-        k = torch.randn(batch * pages, page_size, heads_k, d, device="cuda", dtype=dtype)
-        v = torch.randn_like(k)
+        k = _randn(batch * pages, page_size, heads_k, d, dtype=dtype)
+        v = _randn(batch * pages, page_size, heads_k, d, dtype=dtype)
         page_table = torch.randperm(batch * pages, device="cuda", dtype=torch.int32).view(batch, pages)
     cache_seqlens = torch.full((batch,), seqlen, dtype=torch.int32, device="cuda")
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=BF16 if dtype == FP8 else dtype, device="cuda")
     lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32, device="cuda")
     return q, k, v, page_table, cache_seqlens, out, lse
 
@@ -50,8 +57,8 @@ def main() -> None:
     print(f"{bench.gpu_name()}: measured copy bandwidth {copy_gbs:.0f} GB/s")
     rows = []
     for shape in SHAPES:
-        batch, heads_q, heads_k, d, seqlen, page_size, seqlen_q = shape
-        kv_bytes = 2 * batch * seqlen * heads_k * d * 2
+        batch, heads_q, heads_k, d, seqlen, page_size, seqlen_q, dtype = shape
+        kv_bytes = 2 * batch * seqlen * heads_k * d * dtype.itemsize
         copies = bench.copies_to_exceed_l2(kv_bytes)
         arg_sets = [_inputs(*shape) for _ in range(copies)]
         scale = d ** -0.5
@@ -61,7 +68,8 @@ def main() -> None:
 
         ms = bench.time_ms_graph(call, arg_sets)
         gbs = kv_bytes / (ms * 1e-3) / 1e9
-        rows.append({"shape (b,hq,hk,d,seqlen,page,sq)": str(shape), "KV MB": kv_bytes / 1e6,
+        rows.append({"shape (b,hq,hk,d,seqlen,page,sq)": str(shape[:-1]), "dtype": str(dtype)[6:],
+                     "KV MB": kv_bytes / 1e6,
                      "us (graph)": ms * 1e3, "GB/s": gbs, "% of copy BW": 100 * gbs / copy_gbs})
         print(rows[-1])
         del arg_sets
