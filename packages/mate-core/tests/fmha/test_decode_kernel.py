@@ -47,6 +47,94 @@ def test_build_rejects_bad_arguments():
         decode_kernel.build("bfloat16", 96, True, False)
 
 
+# ---- host side: what launch hands the kernel (CPU, fake GPU, kernels recorded) --------------------
+
+def _recorded_launch(monkeypatch, *args, **kwargs):
+    """Run decode_kernel.launch with the kernel and the combine replaced by recorders."""
+    from mate.ops.fmha import api as fmha_api
+
+    gpu = platform.DeviceInfo("cuda", "fake GPU", "sm_90a", 132, 232448)
+    monkeypatch.setattr(platform, "device_info", lambda device=None: gpu)
+    calls = {}
+    monkeypatch.setattr(jit, "get_kernel", lambda op, variant, target, build: (
+        lambda *kernel_args: calls.update(variant=variant, kernel=kernel_args)))
+    monkeypatch.setattr(fmha_api, "_combine", lambda *combine_args: calls.update(combine=combine_args))
+    decode_kernel.launch(*args, **kwargs)
+    return calls
+
+
+def _assert_matches_signature(prim_func, args):
+    """Every tensor has the buffer's dtype, rank, static sizes and contiguity; a symbolic size means
+    the same number wherever it appears; scalars have the parameter's kind."""
+    assert len(args) == len(prim_func.params)
+    sizes = {}
+    for param, arg in zip(prim_func.params, args, strict=True):
+        buffer = prim_func.buffer_map.get(param)
+        if buffer is None:
+            assert isinstance(arg, float if "float" in param.dtype else int), (param, arg)
+            continue
+        assert isinstance(arg, torch.Tensor) and str(arg.dtype).removeprefix("torch.") == buffer.dtype, (param, arg)
+        assert arg.dim() == len(buffer.shape) and arg.is_contiguous(), (param, arg.shape)
+        for dim, size in zip(buffer.shape, arg.shape, strict=True):
+            if hasattr(dim, "value"):
+                assert dim.value == size, (param, buffer.shape, arg.shape)
+            else:
+                assert sizes.setdefault(dim.name, size) == size, (param, dim.name, sizes[dim.name], size)
+
+
+def _assert_combine_views(combine_args):
+    out_partial, lse_partial, out, lse = combine_args
+    assert lse_partial.shape == out_partial.shape[:-1] and out.shape == out_partial.shape[1:]
+    assert lse.shape == out.shape[:-1]
+
+
+LAUNCH_CASES = {
+    "paged-bf16": dict(dtype=torch.bfloat16, paged=True),
+    "dense-fp16-sink-leftpad-batch_idx": dict(dtype=torch.float16, paged=False, sink=True, leftpad=True,
+                                              batch_idx=True),
+    "varlen-local-softcap-cp": dict(dtype=torch.bfloat16, paged=True, varlen=True, local=True),
+    "fp8-descales": dict(dtype=torch.float8_e4m3fn, paged=True, descales=True),
+    "fp8-default-descales": dict(dtype=torch.float8_e4m3fn, paged=False),
+}
+
+
+@pytest.mark.parametrize("case", LAUNCH_CASES)
+def test_launch_arguments_match_the_kernel_signature(monkeypatch, case):
+    opts = LAUNCH_CASES[case]
+    dtype, batch, heads_q, heads_k, d = opts["dtype"], 3, 8, 2, 128
+    k = torch.randn(6, 16, heads_k, d).to(dtype)
+    page_table = torch.arange(6, dtype=torch.int32).view(3, 2) if opts["paged"] else None
+    if not opts["paged"]:
+        k = torch.randn(batch, 32, heads_k, d).to(dtype)
+    v = k.clone()
+    kwargs = {}
+    if opts.get("varlen"):
+        q = torch.randn(7, heads_q, d).to(dtype)
+        kwargs.update(cu_seqlens_q=torch.tensor([0, 1, 3, 7], dtype=torch.int32), max_seqlen_q=4)
+        out, lse = torch.empty(7, heads_q, d, dtype=dtype), torch.empty(heads_q, 7)
+    else:
+        q = torch.randn(batch, 2, heads_q, d).to(dtype)
+        out = torch.empty(q.shape, dtype=torch.bfloat16 if dtype == torch.float8_e4m3fn else dtype)
+        lse = torch.empty(batch, heads_q, 2)
+    if opts.get("sink"):
+        kwargs["learnable_sink"] = torch.randn(heads_q)
+    if opts.get("leftpad"):
+        kwargs["cache_leftpad"] = torch.tensor([1, 0, 2], dtype=torch.int32)
+    if opts.get("batch_idx"):
+        kwargs["cache_batch_idx"] = torch.tensor([2, 0, 1], dtype=torch.int32)
+    if opts.get("local"):
+        kwargs.update(window=(5, 0), attention_chunk=8, softcap=3.0, cp_world_size=2, cp_rank=1,
+                      cp_tot_seqused_k=torch.tensor([40, 9, 20], dtype=torch.int32))
+    if opts.get("descales"):
+        kwargs.update(q_descale=torch.rand(batch, heads_k), k_descale=torch.rand(batch, heads_k),
+                      v_descale=torch.rand(batch, heads_k))
+    cache_seqlens = torch.tensor([20, 4, 9], dtype=torch.int32)
+    calls = _recorded_launch(monkeypatch, q, k, v, page_table, cache_seqlens, d ** -0.5, True, out, lse,
+                             num_splits=2, **kwargs)
+    _assert_matches_signature(DECODE.build(**calls["variant"]), calls["kernel"])
+    _assert_combine_views(calls["combine"])
+
+
 # ---- compile (sm_90a, no GPU) ----------------------------------------------------------------
 
 COMPILE_VARIANTS = [
