@@ -13,6 +13,7 @@ import torch  # noqa: E402
 from mate import jit, platform, testing  # noqa: E402
 from mate.ops.fmha import decode_kernel, reference  # noqa: E402
 from mate.ops.fmha.attention import DECODE  # noqa: E402
+from mate.testing import kernels as kernel_checks  # noqa: E402
 
 ATOL = {torch.bfloat16: 4e-3, torch.float16: 5e-4}
 
@@ -53,33 +54,12 @@ def _recorded_launch(monkeypatch, *args, **kwargs):
     """Run decode_kernel.launch with the kernel and the combine replaced by recorders."""
     from mate.ops.fmha import api as fmha_api
 
-    gpu = platform.DeviceInfo("cuda", "fake GPU", "sm_90a", 132, 232448)
-    monkeypatch.setattr(platform, "device_info", lambda device=None: gpu)
-    calls = {}
-    monkeypatch.setattr(jit, "get_kernel", lambda op, variant, target, build: (
-        lambda *kernel_args: calls.update(variant=variant, kernel=kernel_args)))
-    monkeypatch.setattr(fmha_api, "_combine", lambda *combine_args: calls.update(combine=combine_args))
+    kernels = kernel_checks.record_kernel_calls(monkeypatch)
+    combines = []
+    monkeypatch.setattr(fmha_api, "_combine", lambda *combine_args: combines.append(combine_args))
     decode_kernel.launch(*args, **kwargs)
-    return calls
-
-
-def _assert_matches_signature(prim_func, args):
-    """Every tensor has the buffer's dtype, rank, static sizes and contiguity; a symbolic size means
-    the same number wherever it appears; scalars have the parameter's kind."""
-    assert len(args) == len(prim_func.params)
-    sizes = {}
-    for param, arg in zip(prim_func.params, args, strict=True):
-        buffer = prim_func.buffer_map.get(param)
-        if buffer is None:
-            assert isinstance(arg, float if "float" in param.dtype else int), (param, arg)
-            continue
-        assert isinstance(arg, torch.Tensor) and str(arg.dtype).removeprefix("torch.") == buffer.dtype, (param, arg)
-        assert arg.dim() == len(buffer.shape) and arg.is_contiguous(), (param, arg.shape)
-        for dim, size in zip(buffer.shape, arg.shape, strict=True):
-            if hasattr(dim, "value"):
-                assert dim.value == size, (param, buffer.shape, arg.shape)
-            else:
-                assert sizes.setdefault(dim.name, size) == size, (param, dim.name, sizes[dim.name], size)
+    (kernel,), (combine,) = kernels, combines
+    return kernel, combine
 
 
 def _assert_combine_views(combine_args):
@@ -129,10 +109,10 @@ def test_launch_arguments_match_the_kernel_signature(monkeypatch, case):
         kwargs.update(q_descale=torch.rand(batch, heads_k), k_descale=torch.rand(batch, heads_k),
                       v_descale=torch.rand(batch, heads_k))
     cache_seqlens = torch.tensor([20, 4, 9], dtype=torch.int32)
-    calls = _recorded_launch(monkeypatch, q, k, v, page_table, cache_seqlens, d ** -0.5, True, out, lse,
-                             num_splits=2, **kwargs)
-    _assert_matches_signature(DECODE.build(**calls["variant"]), calls["kernel"])
-    _assert_combine_views(calls["combine"])
+    kernel, combine = _recorded_launch(monkeypatch, q, k, v, page_table, cache_seqlens, d ** -0.5, True, out, lse,
+                                       num_splits=2, **kwargs)
+    kernel_checks.assert_call_matches_signature(kernel)
+    _assert_combine_views(combine)
 
 
 # ---- compile (sm_90a, no GPU) ----------------------------------------------------------------

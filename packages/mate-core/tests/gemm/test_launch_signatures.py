@@ -1,0 +1,72 @@
+"""The GEMM launchers on the CPU: on a fake GPU with the kernels recorded, every call hands its
+kernel arguments that fit the TileLang signature (dtypes, ranks, sizes, strides, scalars), for
+dense, M-grouped contiguous and masked FP8 GEMMs and the BF16 GEMM layouts."""
+
+import pytest
+import torch
+
+pytest.importorskip("tilelang")
+
+import mate.gemm  # noqa: E402
+from mate.ops.gemm import api, layouts  # noqa: E402
+from mate.testing import kernels as kernel_checks  # noqa: E402
+
+
+def _fp8_a(rows, k):
+    return layouts.per_token_cast_to_fp8(torch.randn(rows, k), use_ue8m0=False)
+
+
+def _fp8_b(n, k):
+    return layouts.per_block_cast_to_fp8(torch.randn(n, k), use_ue8m0=False)
+
+
+def _check(calls, count=1):
+    assert len(calls) == count
+    for call in calls:
+        kernel_checks.assert_call_matches_signature(call)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 2112, 512), (64, 384, 256), (300, 1024, 384), (4096, 512, 256)])
+def test_fp8_gemm_nt(monkeypatch, m, n, k):
+    calls = kernel_checks.record_kernel_calls(monkeypatch)
+    a, b = _fp8_a(m, k), _fp8_b(n, k)
+    api.fp8_gemm_nt(a, b, torch.empty(m, n, dtype=torch.bfloat16))
+    # Scales already in DeepGEMM's MN-major, TMA-aligned layout take the same path.
+    api.fp8_gemm_nt((a[0], layouts.get_mn_major_tma_aligned_tensor(a[1])), b, torch.empty(m, n, dtype=torch.bfloat16))
+    _check(calls, 2)
+
+
+def test_m_grouped_contiguous_and_masked(monkeypatch):
+    calls = kernel_checks.record_kernel_calls(monkeypatch)
+    groups, n, k = 4, 512, 256
+    m_indices = torch.arange(groups, dtype=torch.int32).repeat_interleave(128)
+    a = _fp8_a(groups * 128, k)
+    b_rows = [_fp8_b(n, k) for _ in range(groups)]
+    b = torch.stack([x[0] for x in b_rows]), torch.stack([x[1] for x in b_rows])
+    api.m_grouped_fp8_gemm_nt_contiguous(a, b, torch.empty(groups * 128, n, dtype=torch.bfloat16), m_indices)
+    max_m = 256
+    a_masked = _fp8_a(groups * max_m, k)
+    a_masked = a_masked[0].view(groups, max_m, k), a_masked[1].view(groups, max_m, -1)
+    masked_m = torch.tensor([0, 100, 256, 7], dtype=torch.int32)
+    api.m_grouped_fp8_gemm_nt_masked(a_masked, b, torch.empty(groups, max_m, n, dtype=torch.bfloat16), masked_m, 96)
+    _check(calls, 2)
+
+
+@pytest.mark.parametrize("layout", ["nt", "nn", "tn", "tt"])
+def test_bf16_gemm_layouts(monkeypatch, layout):
+    calls = kernel_checks.record_kernel_calls(monkeypatch)
+    m, n, k = 200, 384, 256
+    a = torch.randn(m, k, dtype=torch.bfloat16)
+    b = torch.randn(n, k, dtype=torch.bfloat16)
+    a_arg = a if layout[0] == "n" else a.T.contiguous()
+    b_arg = b if layout[1] == "t" else b.T.contiguous()
+    getattr(api, f"bf16_gemm_{layout}")(a_arg, b_arg, torch.empty(m, n, dtype=torch.float32))
+    _check(calls)
+
+
+def test_bmm_fp16(monkeypatch):
+    calls = kernel_checks.record_kernel_calls(monkeypatch)
+    a = torch.randn(3, 100, 256, dtype=torch.float16)
+    b = torch.randn(3, 256, 512, dtype=torch.float16)
+    mate.gemm.bmm_fp16(a, b, torch.float16)
+    _check(calls)
