@@ -17,8 +17,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import mate.gemm
 import torch
+
+import mate.gemm
 from mate.ops.gemm import api
 from mate.testing import bench
 

@@ -21,6 +21,7 @@ import argparse
 from pathlib import Path
 
 import torch
+
 from mate.ops.gemm import api, layouts, reference
 from mate.testing import bench
 

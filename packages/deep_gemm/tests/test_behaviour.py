@@ -1,8 +1,9 @@
 """Behaviour through the wrapper: upstream-style test flows (cast, GEMM into d, calc_diff)."""
 
-import deep_gemm
 import pytest
 import torch
+
+import deep_gemm
 from mate import platform
 from mate.ops.gemm import layouts
 

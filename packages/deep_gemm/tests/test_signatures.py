@@ -10,8 +10,9 @@ Annotations are not compared (pybind11 functions have none).
 
 import inspect
 
-import deep_gemm
 import pytest
+
+import deep_gemm
 
 UPSTREAM_COMMIT = "54e22612409371d6364144b69086735beb54e98b"
 

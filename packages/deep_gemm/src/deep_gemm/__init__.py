@@ -1,6 +1,7 @@
 """DeepGEMM's Python API served by MATE (see README.md for what is provided)."""
 
 import torch
+
 from mate import deep_gemm as _mate
 
 # GEMMs, layout transforms and runtime settings

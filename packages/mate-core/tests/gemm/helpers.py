@@ -4,6 +4,7 @@ tests/generators.py: random bf16 inputs, cast per token / per block, compared wi
 import random
 
 import torch
+
 from mate.ops.gemm import layouts
 
 MAX_DIFF = 0.001  # DeepGEMM's tests: calc_diff < 0.001 for FP8 x FP8 (QuantConfig.max_diff)

@@ -1,8 +1,9 @@
 """Bad inputs raise errors naming the argument; GPU calls without a kernel raise UnsupportedError."""
 
-import mate
 import pytest
 import torch
+
+import mate
 from mate import dispatch, platform
 from mate.ops.gemm import api, layouts
 

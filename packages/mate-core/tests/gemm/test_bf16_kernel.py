@@ -2,9 +2,10 @@
 and mate.gemm.bmm_fp16 against a float64 reference on random inputs, outputs poisoned with NaN
 before every call (every element must be written), M at and off the tile edges."""
 
-import mate.gemm
 import pytest
 import torch
+
+import mate.gemm
 from mate import jit
 from mate.ops.gemm import api
 

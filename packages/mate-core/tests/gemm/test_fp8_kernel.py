@@ -5,9 +5,10 @@ serving every M. Outputs are poisoned with NaN before every call."""
 
 import random
 
-import mate.gemm
 import pytest
 import torch
+
+import mate.gemm
 from mate import jit
 from mate.ops.gemm import api, fp8_launch, layouts, reference
 from mate.ops.gemm.reference import calc_diff

@@ -5,6 +5,7 @@ warpgroup, wgmma with FP8 operands, the swizzled rasterization and one dynamic M
 import re
 
 import pytest
+
 from mate import jit, platform
 
 pytest.importorskip("tilelang")
@@ -64,6 +65,7 @@ def test_kernel_compiles_for_sm90a(layout, n, k, tile):
                                                           ("K", "K", "bfloat16", "m128n192")])
 def test_bf16_kernel_compiles_for_sm90a(major_a, major_b, out_dtype, tile):
     import torch
+
     from mate.ops.gemm import bf16_kernel, bf16_launch
 
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

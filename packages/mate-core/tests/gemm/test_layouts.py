@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from mate.ops.gemm import layouts
 
 

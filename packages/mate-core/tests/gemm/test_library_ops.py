@@ -3,6 +3,7 @@ implementation, in-place mutation of d), so torch.compile can trace them."""
 
 import pytest
 import torch
+
 from mate.ops.gemm import (
     api,  # noqa: F401  (registers the ops)
     layouts,

@@ -4,10 +4,11 @@ against MATE's documentation, and bad inputs."""
 
 import inspect
 
-import mate
-import mate.gemm
 import pytest
 import torch
+
+import mate
+import mate.gemm
 from mate import dispatch, platform
 from mate.ops.gemm import api, layouts
 from mate.ops.gemm.reference import calc_diff

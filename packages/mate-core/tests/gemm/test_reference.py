@@ -4,6 +4,7 @@ down for the CPU (K a multiple of 128)."""
 
 import pytest
 import torch
+
 from mate.ops.gemm import api, layouts, reference
 from mate.ops.gemm.reference import calc_diff
 

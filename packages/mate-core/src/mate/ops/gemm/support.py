@@ -45,9 +45,8 @@ def _build_bf16(n: int, k: int, ab_dtype, major_a: str, major_b: str, out_dtype,
 
 
 def _fp8_aot(shapes, layouts):
-    from mate.ops.gemm.fp8_launch import kernel_variant
-
     from mate.ops.gemm.fp8_kernel import TILES
+    from mate.ops.gemm.fp8_launch import kernel_variant
 
     return [kernel_variant(n, k, layout, tile) for n, k in shapes for layout in layouts for tile in TILES
             if layout == "dense" or tile.startswith("m128")]
