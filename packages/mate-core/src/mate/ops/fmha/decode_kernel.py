@@ -1,5 +1,6 @@
-"""TileLang split-KV decode kernel for ``flash_attn_with_kvcache`` and paged / varlen-query
-``flash_attn_varlen_func`` calls with few queries per sequence, for Hopper.
+"""TileLang split-KV attention over a KV cache, for Hopper: ``flash_attn_with_kvcache`` decode
+(1-8 queries per sequence), and every call on a paged cache or with FP8 inputs (any query count,
+fixed or varlen, mixed prefill/decode batches included).
 
 ``build(dtype, head_dim, paged, causal, leftpad, batch_idx, sink, local, softcap, cp, varlen_q)``
 returns an uncompiled ``T.prim_func``. Only those static parameters and the tile configuration
@@ -13,6 +14,7 @@ serves every size and every page size (1 included). Parameters of the prim_func,
     v              dtype    same shape as k                                   contiguous
     page_table     int32    (batch_cache, max_pages)                          (paged)
     cu_seqlens_q   int32    (batch + 1,) query rows of each sequence           (varlen_q)
+    tile_seq, tile_row int32 (tiles,) sequence and first row of each 64-row tile (varlen_q)
     cache_seqlens  int32    (batch,)  end of each sequence's keys (seqused_k)
     cache_batch_idx int32   (batch,)  cache (or page-table) row of each sequence   (batch_idx)
     cache_leftpad  int32    (batch,)  first key row of each sequence               (leftpad)
@@ -21,6 +23,7 @@ serves every size and every page size (1 included). Parameters of the prim_func,
     q/k/v_descale  float32  (batch, heads_k) dequantization factors         (float8 dtype)
     out_partial    float32  (num_splits, total_q, heads_q, d)                 contiguous, written
     lse_partial    float32  (num_splits, heads_q, total_q)                    contiguous, written
+    tile_count     int32    tiles in the grid
     max_seqlen_q   int32    queries per sequence (the most, with varlen_q)
     softmax_scale  float32
     window_left, window_right, attention_chunk  int32   (local; -1 / 0: unbounded)
@@ -45,8 +48,8 @@ tile walks only the key blocks its rows can see (a window of 128 keys reads ~2 b
 
 Work split: grid (tiles, num_splits, heads_k). GQA is packed: the seqlen_q * group
 query rows of one kv head (row r = query i * group + head offset g, group = heads_q // heads_k)
-share one tile of block_m = 64 rows (row_blocks = ceil(max_seqlen_q * group / 64) tiles when
-there are more; tiles past a shorter sequence's rows write nothing). The n_blocks key blocks of
+share one tile of block_m = 64 rows (row_blocks = ceil(seqlen_q * group / 64) tiles when there
+are more; with varlen_q the host's tile map lists only the tiles that exist). The n_blocks key blocks of
 block_n keys that a tile's rows can see are dealt in contiguous runs of ceil(n_blocks /
 num_splits) blocks: split s takes the tile's blocks
 [s * per, min((s + 1) * per, n_blocks)). Each split writes its normalized partial output and
@@ -68,7 +71,9 @@ seqlen_k load a clamped (valid) row and are masked to -inf; blocks past the spli
 predicated off (cp.async zero-fills, no global read). S = Q K^T (wgmma, shared operands) and O +=
 P V (wgmma, P in registers) run on the tensor cores (T.gemm); online softmax with exp2, a row
 whose max is still -inf using 0 as its max. A split with no key block still runs one fully
-masked block, so every path issues the same gemms.
+masked block, so every path issues the same gemms. FP8 K/V blocks stream as fp8 (16 per copy)
+and are widened to bf16 in shared memory before the gemms; q's and k's descales scale the scores,
+v's the output.
 """
 
 import functools
