@@ -12,11 +12,14 @@ TileLang kernel on a GPU.
 The TileLang forward kernel (:mod:`mate.ops.fmha.forward_kernel`) covers prefill: fp16/bf16,
 head dims 64-256 (and 192/128), MHA/GQA/MQA, causal, local windows, softcap, learnable sinks,
 fixed-length and varlen (cu_seqlens) batches with seqused_q / seqused_k, dense KV caches with
-cache_seqlens, cache_leftpad and cache_batch_idx, and paged caches (gathered into a dense copy
-first); the split-KV decode kernel (:mod:`mate.ops.fmha.decode_kernel`, op ``DECODE``) serves
-1-8 queries per sequence on a dense or paged cache. New keys/values of flash_attn_with_kvcache
-(with rotary embedding) are written into the cache by the append kernel
-(:mod:`mate.ops.fmha.append_kernel`, op ``APPEND``) before either attention kernel runs.
+cache_seqlens, cache_leftpad and cache_batch_idx, and paged caches of head dims the decode kernel
+lacks (gathered into a dense copy first). The split-KV decode kernel
+(:mod:`mate.ops.fmha.decode_kernel`, op ``DECODE``) serves 1-8 queries per sequence on a dense
+cache, and any number on a paged cache or with FP8 inputs (packed FP8 keys run as one cache row),
+with windows, chunks, softcap, sinks, leftpad, cache_batch_idx and context parallelism. New
+keys/values of flash_attn_with_kvcache (with rotary embedding) are written into the cache by the
+append kernel (:mod:`mate.ops.fmha.append_kernel`, op ``APPEND``) before either attention kernel
+runs.
 ``FWD.support`` and ``DECODE.support`` say exactly what they accept; on a GPU any other
 variant raises :class:`mate.UnsupportedError` naming the feature (or runs the reference with one
 warning under MATE_ALLOW_REFERENCE_FALLBACK=1).
