@@ -40,6 +40,7 @@ a producer warpgroup (TileLang's warp specialization), and a swizzled rasterizat
 (N blocks, M blocks) grid for L2 reuse. The host (fp8_launch.tile_for) picks the tile per call.
 """
 
+from types import SimpleNamespace
 
 import tilelang.language as T
 
@@ -55,6 +56,23 @@ TILES = {"m128n128": {"block_m": 128, "block_n": 128, "threads": 256, "num_stage
          "m128n256": {"block_m": 128, "block_n": 256, "threads": 256, "num_stages": 3},
          "m64n128": {"block_m": 64, "block_n": 128, "threads": 128, "num_stages": 6},
          "m64n64": {"block_m": 64, "block_n": 64, "threads": 128, "num_stages": 8}}
+
+
+FP8, ACC, OUT = "float8_e4m3fn", "float32", "bfloat16"
+
+
+def _signature(n: int, k: int) -> SimpleNamespace:
+    """The parameters both kernels take (the launch's contract): A (groups_a, M, k) and B
+    (groups_b, n, k) fp8, D (groups_a, M, n) bf16, A's scales MN-major with padded strides, B's
+    128 x 128 block scales, and the int32 layout vector aux (m_indices or masked_m)."""
+    M, GA, GB, L = T.dynamic("M, GA, GB, L")
+    sfa_sg, sfa_sk = T.dynamic("sfa_sg, sfa_sk")
+    kb_count, nb_count = k // BLOCK_K, -(-n // 128)
+    return SimpleNamespace(
+        M=M, GA=GA,
+        a=T.Tensor((GA, M, k), FP8), b=T.Tensor((GB, n, k), FP8), d=T.Tensor((GA, M, n), OUT),
+        sfa=T.StridedTensor((GA, kb_count, M), (sfa_sg, sfa_sk, 1), ACC),
+        sfb=T.Tensor((GB, nb_count, kb_count), ACC), aux=T.Tensor((L,), "int32"))
 
 
 def default_config(n: int, k: int, layout: str) -> dict:
@@ -81,22 +99,14 @@ def fp8_gemm_kernel(n: int, k: int, layout: str = "dense", *, block_m: int = 128
     if block_n == 256:
         return _wide_kernel(n, k, layout, block_m=block_m, num_stages=num_stages, threads=threads, panel=panel)
     kb_count = k // BLOCK_K
-    nb_count = -(-n // 128)
     n_blocks = -(-n // block_n)
 
-    M, GA, GB, L = T.dynamic("M, GA, GB, L")
-    sfa_sg, sfa_sk = T.dynamic("sfa_sg, sfa_sk")
-    fp8, acc_t, out_t = "float8_e4m3fn", "float32", "bfloat16"
+    sig = _signature(n, k)
+    M, GA = sig.M, sig.GA
+    fp8, acc_t, out_t = FP8, ACC, OUT
 
     @T.prim_func
-    def fp8_gemm(
-        a: T.Tensor((GA, M, k), fp8),
-        b: T.Tensor((GB, n, k), fp8),
-        d: T.Tensor((GA, M, n), out_t),
-        sfa: T.StridedTensor((GA, kb_count, M), (sfa_sg, sfa_sk, 1), acc_t),
-        sfb: T.Tensor((GB, nb_count, kb_count), acc_t),
-        aux: T.Tensor((L,), "int32"),
-    ):
+    def fp8_gemm(a: sig.a, b: sig.b, d: sig.d, sfa: sig.sfa, sfb: sig.sfb, aux: sig.aux):
         with T.Kernel(n_blocks, T.ceildiv(M, block_m), GA, threads=threads) as (bx, by, bz):
             a_s = T.alloc_shared((block_m, BLOCK_K), fp8)
             b_s = T.alloc_shared((block_n, BLOCK_K), fp8)
@@ -157,19 +167,12 @@ def _wide_kernel(n: int, k: int, layout: str, *, block_m: int, num_stages: int, 
     n_blocks = -(-n // 256)
     half = 128
 
-    M, GA, GB, L = T.dynamic("M, GA, GB, L")
-    sfa_sg, sfa_sk = T.dynamic("sfa_sg, sfa_sk")
-    fp8, acc_t, out_t = "float8_e4m3fn", "float32", "bfloat16"
+    sig = _signature(n, k)
+    M, GA = sig.M, sig.GA
+    fp8, acc_t, out_t = FP8, ACC, OUT
 
     @T.prim_func
-    def fp8_gemm(
-        a: T.Tensor((GA, M, k), fp8),
-        b: T.Tensor((GB, n, k), fp8),
-        d: T.Tensor((GA, M, n), out_t),
-        sfa: T.StridedTensor((GA, kb_count, M), (sfa_sg, sfa_sk, 1), acc_t),
-        sfb: T.Tensor((GB, nb_count, kb_count), acc_t),
-        aux: T.Tensor((L,), "int32"),
-    ):
+    def fp8_gemm(a: sig.a, b: sig.b, d: sig.d, sfa: sig.sfa, sfb: sig.sfb, aux: sig.aux):
         with T.Kernel(n_blocks, T.ceildiv(M, block_m), GA, threads=threads) as (bx, by, bz):
             a_s = T.alloc_shared((block_m, BLOCK_K), fp8)
             b0_s = T.alloc_shared((half, BLOCK_K), fp8)
