@@ -75,6 +75,19 @@ def _signature(n: int, k: int) -> SimpleNamespace:
         sfb=T.Tensor((GB, nb_count, kb_count), ACC), aux=T.Tensor((L,), "int32"))
 
 
+def _group(layout: str, aux, m0, bz):
+    """The B group (expert) of the row block at m0 of A group bz: contiguous reads m_indices
+    (padding rows, -1, use group 0; they are written as zeros), masked has one per A group."""
+    if layout == "contiguous":
+        return T.max(aux[m0], 0)
+    return bz if layout == "masked" else 0
+
+
+def _rows(layout: str, aux, M, m0, bz):
+    """Rows of the block at m0 to compute and store (masked: up to masked_m of the group)."""
+    return T.min(aux[bz], M) - m0 if layout == "masked" else M - m0
+
+
 def default_config(n: int, k: int, layout: str) -> dict:
     """Tile configuration for a weight of shape (n, k)."""
     del k, layout
@@ -119,14 +132,8 @@ def fp8_gemm_kernel(n: int, k: int, layout: str = "dense", *, block_m: int = 128
             T.use_swizzle(panel_size=panel)
             m0 = by * block_m
             n0 = bx * block_n
-            if layout == "contiguous":
-                group = T.max(aux[m0], 0)
-            elif layout == "masked":
-                group = bz
-            else:
-                group = 0
-            # Rows of this block to compute and store (masked: up to masked_m of the group).
-            rows = T.min(aux[bz], M) - m0 if layout == "masked" else M - m0
+            group = _group(layout, aux, m0, bz)
+            rows = _rows(layout, aux, M, m0, bz)
 
             if rows > 0:
                 for kk in T.Parallel(kb_count):
@@ -189,13 +196,8 @@ def _wide_kernel(n: int, k: int, layout: str, *, block_m: int, num_stages: int, 
             T.use_swizzle(panel_size=panel)
             m0 = by * block_m
             n0 = bx * 256
-            if layout == "contiguous":
-                group = T.max(aux[m0], 0)
-            elif layout == "masked":
-                group = bz
-            else:
-                group = 0
-            rows = T.min(aux[bz], M) - m0 if layout == "masked" else M - m0
+            group = _group(layout, aux, m0, bz)
+            rows = _rows(layout, aux, M, m0, bz)
 
             if rows > 0:
                 for kk in T.Parallel(kb_count):
