@@ -3,6 +3,11 @@ measured copy bandwidth (goal >= 85%) for batch 128, 32 q heads / 8 kv heads, d 
 tokens, paged KV with page size 64 and 1, plus a dense cache, a small-batch (split) shape and an FP8
 (e4m3) cache, whose bytes are half.
 
+Second table: prefill-size queries on a paged cache (vLLM's chunked prefill with a block table),
+which this kernel serves at any query count: TFLOP/s of flash_attn_with_kvcache on a page-64
+cache vs flash_attn_varlen_func on the same tokens stored contiguously (the prefill kernel), and
+cuDNN SDPA, all in the same run (eager: millisecond kernels hide the host time).
+
 Usage: python benchmarks/bench_fmha_decode.py [--out benchmarks/results]
 """
 
@@ -12,7 +17,10 @@ import argparse
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from mate import mha_interface
 from mate.ops.fmha import decode_kernel
 from mate.testing import bench
 
@@ -49,6 +57,52 @@ def _inputs(batch, heads_q, heads_k, d, seqlen, page_size, seqlen_q, dtype):
     return q, k, v, page_table, cache_seqlens, out, lse
 
 
+# (batch, heads_q, heads_k, head_dim, seqlen (queries = cached keys), page_size, causal)
+PAGED_PREFILL_SHAPES = [(8, 32, 8, 128, 4096, 64, False), (8, 32, 8, 128, 4096, 64, True)]
+
+
+def paged_prefill_row(batch, heads_q, heads_k, d, seqlen, page_size, causal) -> dict:
+    flops = 4 * batch * heads_q * seqlen * seqlen * d / (2 if causal else 1)
+    q = _randn(batch, seqlen, heads_q, d, dtype=BF16)
+    k = _randn(batch, seqlen, heads_k, d, dtype=BF16)
+    v = _randn(batch, seqlen, heads_k, d, dtype=BF16)
+    pages = seqlen // page_size
+    page_table = torch.randperm(batch * pages, device="cuda", dtype=torch.int32).view(batch, pages)
+    k_cache = torch.empty(batch * pages, page_size, heads_k, d, dtype=BF16, device="cuda")
+    v_cache = torch.empty_like(k_cache)
+    k_cache[page_table.flatten().long()] = k.view(batch * pages, page_size, heads_k, d)
+    v_cache[page_table.flatten().long()] = v.view(batch * pages, page_size, heads_k, d)
+    cache_seqlens = torch.full((batch,), seqlen, dtype=torch.int32, device="cuda")
+    cu = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device="cuda")
+    flat = [t.view(batch * seqlen, *t.shape[2:]) for t in (q, k, v)]
+    group = heads_q // heads_k
+    qt, kt, vt = q.transpose(1, 2), k.repeat_interleave(group, 2).transpose(1, 2), \
+        v.repeat_interleave(group, 2).transpose(1, 2)
+
+    def paged():
+        return mha_interface.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens,
+                                                     page_table=page_table, causal=causal)
+
+    def contiguous():
+        return mha_interface.flash_attn_varlen_func(*flat, cu, cu, seqlen, seqlen, causal=causal)
+
+    def cudnn():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+
+    got = paged().float()
+    want = contiguous().view(got.shape).float()
+    err = (got - want).abs().max().item()
+    times = {name: bench.time_ms(fn, [()], warmup=3, iters=20) for name, fn in
+             (("paged", paged), ("contiguous", contiguous), ("cudnn", cudnn))}
+    row = {"shape (b,hq,hk,d,seqlen,page)": str((batch, heads_q, heads_k, d, seqlen, page_size)),
+           "causal": causal, **{f"{name} TFLOP/s": flops / (ms * 1e-3) / 1e12 for name, ms in times.items()},
+           "paged / contiguous": times["contiguous"] / times["paged"],
+           "paged / cuDNN": times["cudnn"] / times["paged"], "max |paged - contiguous|": err}
+    print(row)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -76,6 +130,10 @@ def main() -> None:
         torch.cuda.empty_cache()
     bench.write_results("fmha_decode", rows, list(rows[0]), f"KV bytes read / time; copy bandwidth "
                         f"{copy_gbs:.0f} GB/s (read + write).", args.out)
+    rows = [paged_prefill_row(*shape) for shape in PAGED_PREFILL_SHAPES]
+    bench.write_results("fmha_paged_prefill", rows, list(rows[0]), "Prefill-size queries on a paged KV cache "
+                        "(decode kernel) vs the same tokens contiguous (prefill kernel) and cuDNN SDPA; eager "
+                        "replay medians; FLOPs 4*b*hq*s*s*d, halved for causal.", args.out)
 
 
 if __name__ == "__main__":
