@@ -75,6 +75,8 @@ LAUNCH_CASES = {
     "varlen-local-softcap-cp": dict(dtype=torch.bfloat16, paged=True, varlen=True, local=True),
     "fp8-descales": dict(dtype=torch.float8_e4m3fn, paged=True, descales=True),
     "fp8-default-descales": dict(dtype=torch.float8_e4m3fn, paged=False),
+    "qv-paged": dict(dtype=torch.bfloat16, paged=True, qv=True),
+    "qv-dense-varlen": dict(dtype=torch.float16, paged=False, qv=True, varlen=True),
 }
 
 
@@ -82,20 +84,25 @@ LAUNCH_CASES = {
 def test_launch_arguments_match_the_kernel_signature(monkeypatch, case):
     opts = LAUNCH_CASES[case]
     dtype, batch, heads_q, heads_k, d = opts["dtype"], 3, 8, 2, 128
+    dv = d
+    if opts.get("qv"):
+        d, dv = 64, 512
     k = torch.randn(6, 16, heads_k, d).to(dtype)
     page_table = torch.arange(6, dtype=torch.int32).view(3, 2) if opts["paged"] else None
     if not opts["paged"]:
         k = torch.randn(batch, 32, heads_k, d).to(dtype)
-    v = k.clone()
+    v = torch.randn(*k.shape[:-1], dv).to(dtype)
     kwargs = {}
     if opts.get("varlen"):
         q = torch.randn(7, heads_q, d).to(dtype)
         kwargs.update(cu_seqlens_q=torch.tensor([0, 1, 3, 7], dtype=torch.int32), max_seqlen_q=4)
-        out, lse = torch.empty(7, heads_q, d, dtype=dtype), torch.empty(heads_q, 7)
+        out, lse = torch.empty(7, heads_q, dv, dtype=dtype), torch.empty(heads_q, 7)
     else:
         q = torch.randn(batch, 2, heads_q, d).to(dtype)
-        out = torch.empty(q.shape, dtype=torch.bfloat16 if dtype == torch.float8_e4m3fn else dtype)
+        out = torch.empty(*q.shape[:-1], dv, dtype=torch.bfloat16 if dtype == torch.float8_e4m3fn else dtype)
         lse = torch.empty(batch, heads_q, 2)
+    if opts.get("qv"):
+        kwargs["qv"] = torch.randn(*q.shape[:-1], dv).to(dtype)
     if opts.get("sink"):
         kwargs["learnable_sink"] = torch.randn(heads_q)
     if opts.get("leftpad"):
@@ -115,6 +122,30 @@ def test_launch_arguments_match_the_kernel_signature(monkeypatch, case):
     _assert_combine_views(combine)
 
 
+@pytest.mark.parametrize("paged", [False, True])
+def test_qv_api_calls_take_the_decode_kernel(monkeypatch, paged):
+    # On a (fake) GPU, qv calls run the decode kernel whatever their query count, fixed-length or
+    # packed keys; the arguments fit its signature.
+    from mate.mha_interface import flash_attn_varlen_func, flash_attn_with_kvcache
+
+    kernels = kernel_checks.record_kernel_calls(monkeypatch)
+    gen = testing.generator(f"qv-route{paged}")
+    q, qv = torch.randn(2, 20, 8, 64, generator=gen).bfloat16(), torch.randn(2, 20, 8, 512, generator=gen).bfloat16()
+    k, v = torch.randn(4, 16, 1, 64, generator=gen).bfloat16(), torch.randn(4, 16, 1, 512, generator=gen).bfloat16()
+    page_table = torch.tensor([[3, 1], [0, 2]], dtype=torch.int32) if paged else None
+    if not paged:
+        k, v = k.view(2, 32, 1, 64), v.view(2, 32, 1, 512)
+    flash_attn_with_kvcache(q, k, v, cache_seqlens=torch.tensor([30, 20], dtype=torch.int32), page_table=page_table,
+                           qv=qv, causal=True)
+    cu = torch.tensor([0, 20, 40], dtype=torch.int32)
+    flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1)[:40], v.flatten(0, 1)[:40], cu, cu, 20, 20,
+                           qv=qv.flatten(0, 1))
+    decodes = [call for call in kernels if call.op == DECODE.name]
+    assert len(decodes) == 2 and all(call.variant["qv"] and call.variant["head_dim_v"] == 512 for call in decodes)
+    for call in decodes:
+        kernel_checks.assert_call_matches_signature(call)
+
+
 # ---- compile (sm_90a, no GPU) ----------------------------------------------------------------
 
 COMPILE_VARIANTS = [
@@ -123,6 +154,10 @@ COMPILE_VARIANTS = [
     pytest.param({"dtype": torch.float16, "head_dim": 64, "paged": False, "causal": False}, id="fp16-d64-dense"),
     pytest.param({"dtype": torch.bfloat16, "head_dim": 128, "paged": True, "causal": True, "leftpad": True,
                   "batch_idx": True, "sink": True}, id="bf16-d128-paged-leftpad-batchidx-sink"),
+    pytest.param({"dtype": torch.bfloat16, "head_dim": 64, "head_dim_v": 512, "qv": True, "paged": True,
+                  "causal": True}, id="bf16-qv-64-512-paged-causal"),
+    pytest.param({"dtype": torch.float16, "head_dim": 64, "head_dim_v": 256, "qv": True, "paged": False,
+                  "causal": False}, id="fp16-qv-64-256-dense"),
 ]
 
 
@@ -140,8 +175,9 @@ def test_kernel_compiles_for_sm90a(var):
         assert "int max_pages" in src and "int page_size" in src  # page size: a runtime value
     # K / V rows arrive as 16-byte cp.async gathers through a 3-slot ring: two blocks in flight.
     assert "cp_async_gs_conditional<16>" in src and "cp_async_wait<2>" in src
-    # S = Q K^T from shared memory and O += P V with P in registers, on wgmma.
-    assert "wgmma_ss<" in src and "wgmma_rs<" in src
+    # S = Q K^T from shared memory and O += P V with P in registers (in shared memory with qv, which
+    # splits the columns over two warpgroups), on wgmma.
+    assert "wgmma_ss<" in src and ("wgmma_rs<" in src) != bool(var.get("qv"))
     assert "-CUDART_INF_F" in src
     print(f"compile {var}: {seconds:.1f} s")
 
@@ -157,16 +193,16 @@ def _check(out, lse, q, k, v, **kwargs):
     assert testing.max_abs_error(lse, exact_lse) <= 2e-3
 
 
-def _cache(gen, batch, seqlen_cache, heads_k, d, dtype, page_size):
+def _cache(gen, batch, seqlen_cache, heads_k, d, dtype, page_size, dv=None):
     """Dense cache (page_size None) or a paged one with shuffled pages; returns k, v, page_table."""
     if page_size is None:
         k = torch.randn(batch, seqlen_cache, heads_k, d, generator=gen, device="cuda").to(dtype)
-        v = torch.randn(batch, seqlen_cache, heads_k, d, generator=gen, device="cuda").to(dtype)
+        v = torch.randn(batch, seqlen_cache, heads_k, dv or d, generator=gen, device="cuda").to(dtype)
         return k, v, None
     pages = -(-seqlen_cache // page_size)
     num_pages = batch * pages + 3
     k = torch.randn(num_pages, page_size, heads_k, d, generator=gen, device="cuda").to(dtype)
-    v = torch.randn(num_pages, page_size, heads_k, d, generator=gen, device="cuda").to(dtype)
+    v = torch.randn(num_pages, page_size, heads_k, dv or d, generator=gen, device="cuda").to(dtype)
     perm = torch.randperm(num_pages, generator=gen, device="cuda")[:batch * pages]
     return k, v, perm.view(batch, pages).to(torch.int32)
 
@@ -300,6 +336,30 @@ def test_decode_varlen_queries(page_size, causal, num_splits, mixed):
            cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max(seqlens_q))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, dv", [(torch.bfloat16, 512), (torch.float16, 256)])
+@pytest.mark.parametrize("page_size", [None, 1, 64])
+@pytest.mark.parametrize("seqlen_q, causal", [(1, False), (2, True), (37, True)])
+@pytest.mark.parametrize("heads", [(16, 1), (8, 2)])
+@pytest.mark.parametrize("num_splits", [0, 3])
+def test_decode_with_qv(dtype, dv, page_size, seqlen_q, causal, heads, num_splits):
+    # FA3's qv (MLA-style absorbed attention, as SGLang's FA3 backend calls it): scores q.k + qv.v.
+    d, (heads_q, heads_k) = 64, heads
+    gen = torch.Generator(device="cuda").manual_seed(
+        testing.seed_for(f"decode-qv{dtype}{dv}{page_size}{seqlen_q}{causal}{heads}{num_splits}"))
+    cache_seqlens = torch.tensor([239, 1, 799, 40], dtype=torch.int32, device="cuda").clamp(min=seqlen_q)
+    batch = cache_seqlens.numel()
+    k, v, page_table = _cache(gen, batch, 799, heads_k, d, dtype, page_size, dv=dv)
+    q = torch.randn(batch, seqlen_q, heads_q, d, generator=gen, device="cuda").to(dtype)
+    qv = torch.randn(batch, seqlen_q, heads_q, dv, generator=gen, device="cuda").to(dtype)
+    out = testing.poison(torch.empty(batch, seqlen_q, heads_q, dv, dtype=dtype, device="cuda"))
+    lse = testing.poison(torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32, device="cuda"))
+    scale = (d + dv) ** -0.5
+    decode_kernel.launch(q, k, v, page_table, cache_seqlens, scale, causal, out, lse, num_splits=num_splits, qv=qv)
+    _check(out, lse, q, k, v, qv=qv.double(), page_table=page_table, seqused_k=cache_seqlens, causal=causal,
+           softmax_scale=scale)
+
+
 @pytest.fixture
 def decode_launches(monkeypatch):
     """Counts decode_kernel.launch calls (which still run)."""
@@ -366,6 +426,29 @@ def test_fp8_kvcache_api_call_runs_the_decode_kernel(decode_launches):
     assert decode_launches == [1] and out.dtype == torch.bfloat16
     _check(out, lse, q, k, v, page_table=page_table, seqused_k=cache_seqlens, causal=True, q_descale=descale,
            k_descale=descale, v_descale=descale)
+
+
+@pytest.mark.gpu
+def test_qv_api_calls_run_the_decode_kernel(decode_launches):
+    # SGLang's FA3 MLA decode: one latent kv head (rope part as k, latent as v), q_nope absorbed as qv;
+    # and a packed-keys prefill call of the same shapes.
+    from mate.mha_interface import flash_attn_varlen_func, flash_attn_with_kvcache
+
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    k, v, page_table = _cache(gen, 3, 300, 1, 64, torch.bfloat16, 64, dv=512)
+    q = torch.randn(3, 1, 16, 64, generator=gen, device="cuda").to(torch.bfloat16)
+    qv = torch.randn(3, 1, 16, 512, generator=gen, device="cuda").to(torch.bfloat16)
+    cache_seqlens = torch.tensor([300, 1, 77], dtype=torch.int32, device="cuda")
+    out, lse = flash_attn_with_kvcache(q, k, v, cache_seqlens=cache_seqlens, page_table=page_table, qv=qv,
+                                       causal=True, return_softmax_lse=True)
+    _check(out, lse, q, k, v, qv=qv.double(), page_table=page_table, seqused_k=cache_seqlens, causal=True)
+    cu = torch.tensor([0, 5, 105, 106], dtype=torch.int32, device="cuda")
+    q, qv = q.new_empty(106, 16, 64).normal_(generator=gen), qv.new_empty(106, 16, 512).normal_(generator=gen)
+    k, v = k.new_empty(106, 1, 64).normal_(generator=gen), v.new_empty(106, 1, 512).normal_(generator=gen)
+    out, lse = flash_attn_varlen_func(q, k, v, cu, cu, 100, 100, qv=qv, causal=True, return_softmax_lse=True)
+    assert decode_launches == [1, 1]
+    _check(out, lse, q, k, v, qv=qv.double(), cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=100,
+           max_seqlen_k=100, causal=True)
 
 
 @pytest.mark.gpu

@@ -15,7 +15,8 @@ fixed-length and varlen (cu_seqlens) batches with seqused_q / seqused_k, dense K
 cache_seqlens, cache_leftpad and cache_batch_idx, and paged caches of head dims the decode kernel
 lacks (gathered into a dense copy first). The split-KV decode kernel
 (:mod:`mate.ops.fmha.decode_kernel`, op ``DECODE``) serves 1-8 queries per sequence on a dense
-cache, and any number on a paged cache or with FP8 inputs (packed FP8 keys run as one cache row),
+cache, and any number on a paged cache, with FP8 inputs or with qv (FA3's MLA-style absorbed
+query; packed FP8 or qv keys run as one cache row),
 with windows, chunks, softcap, sinks, leftpad, cache_batch_idx and context parallelism. New
 keys/values of flash_attn_with_kvcache (with rotary embedding) are written into the cache by the
 append kernel (:mod:`mate.ops.fmha.append_kernel`, op ``APPEND``) before either attention kernel
@@ -235,10 +236,10 @@ APPEND = dispatch.register(dispatch.Op(
 
 
 # The split-KV decode kernel (mate.ops.fmha.decode_kernel): 1-8 queries per sequence (fixed or
-# varlen) over a dense cache, or any number over a paged cache (any page size), GQA packed;
-# appends run before it.
+# varlen) over a dense cache, or any number over a paged cache (any page size), with FP8 inputs or
+# with qv, GQA packed; appends run before it.
 DECODE_MAX_SEQLEN_Q = 8
-DECODE_FEATURES_OFF = ("append_kv", "rotary", "qv")
+DECODE_FEATURES_OFF = ("append_kv", "rotary")
 
 
 def _build_decode(*, dtype: torch.dtype, head_dim: int, paged: bool, causal: bool, **flags):
@@ -270,11 +271,19 @@ def _decode_check_case(device: torch.device):
 DECODE = dispatch.register(dispatch.Op(
     name="fmha.decode_splitkv", family="fmha",
     support=dispatch.Support({"dtype": (torch.float16, torch.bfloat16, torch.float8_e4m3fn), "head_dim": (64, 128, 256),
+                              "head_dim_v": (64, 128, 256, 512), "qv": (False, True),
                               "paged": (False, True), "causal": (False, True), "leftpad": (False, True),
                               "batch_idx": (False, True), "sink": (False, True), "local": (False, True),
-                              "softcap": (False, True), "cp": (False, True), "varlen_q": (False, True)}),
+                              "softcap": (False, True), "cp": (False, True), "varlen_q": (False, True)},
+                             combinations={("head_dim", "head_dim_v", "qv"): (
+                                 (64, 64, False), (128, 128, False), (256, 256, False), (64, 256, True),
+                                 (64, 512, True)),
+                                 ("dtype", "qv"): ((torch.float16, False), (torch.bfloat16, False),
+                                                   (torch.float8_e4m3fn, False), (torch.float16, True),
+                                                   (torch.bfloat16, True))}),
     build=_build_decode, check_case=_decode_check_case, tolerance=_fwd_tolerance,
-    aot_variants=lambda: [{"dtype": dtype, "head_dim": d, "paged": paged, "causal": causal, "leftpad": False,
+    aot_variants=lambda: [{"dtype": dtype, "head_dim": d, "head_dim_v": d, "qv": False, "paged": paged,
+                           "causal": causal, "leftpad": False,
                            "batch_idx": False, "sink": False, "local": False, "softcap": False, "cp": False,
                            "varlen_q": False}
                           for dtype in (torch.bfloat16, torch.float16, torch.float8_e4m3fn) for d in (64, 128, 256)
@@ -285,16 +294,19 @@ def _decode_variant(variant: dict, args: dict[str, Any]) -> dict | None:
     """The decode kernel's variant for a call it can serve (else None: the prefill path decides)."""
     q, varlen_q = args["q"], args["cu_seqlens_q"] is not None
     # Paged caches always take it (any query count: the prefill kernel would need a dense copy), and
-    # so do FP8 inputs (the prefill kernel has no FP8 path).
+    # so do FP8 inputs and qv (the prefill kernel has neither).
     few_queries = (args["max_seqlen_q"] if varlen_q else q.shape[1]) <= DECODE_MAX_SEQLEN_Q
     fp8 = variant["dtype"] == torch.float8_e4m3fn
-    packed_keys = args["cu_seqlens_k"] is not None  # served as one cache row (see _packed_keys_as_cache), FP8 only
-    if (q.dim() != (3 if varlen_q else 4) or not (few_queries or variant["paged_kv"] or fp8)
-            or variant["head_dim"] != variant["head_dim_v"]
-            or q.shape[-1] != variant["head_dim"] or any(variant[name] for name in DECODE_FEATURES_OFF)
-            or (packed_keys and not fp8) or args["seqused_q"] is not None):
+    qv = variant["qv"]
+    packed_keys = args["cu_seqlens_k"] is not None  # served as one cache row (see _packed_keys_as_cache)
+    if (q.dim() != (3 if varlen_q else 4) or not (few_queries or variant["paged_kv"] or fp8 or qv)
+            or (variant["head_dim"] != variant["head_dim_v"]) != qv
+            or q.shape[-1] != variant["head_dim"] or args["v"].shape[-1] != variant["head_dim_v"]
+            or any(variant[name] for name in DECODE_FEATURES_OFF)
+            or (packed_keys and not (fp8 or qv)) or args["seqused_q"] is not None):
         return None
-    return {"dtype": variant["dtype"], "head_dim": variant["head_dim"], "paged": variant["paged_kv"],
+    return {"dtype": variant["dtype"], "head_dim": variant["head_dim"], "head_dim_v": variant["head_dim_v"], "qv": qv,
+            "paged": variant["paged_kv"],
             "causal": variant["causal"], "leftpad": variant["leftpad_k"] or packed_keys,
             "batch_idx": variant["kv_batch_idx"] or packed_keys,
             "sink": variant["learnable_sink"], "local": variant["local"], "softcap": variant["softcap"],
@@ -500,7 +512,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Te
                              attention_chunk=attention_chunk, softcap=softcap, cp_world_size=cp_world_size,
                              cp_rank=cp_rank, cp_tot_seqused_k=cp_tot_seqused_k, cu_seqlens_q=cu_seqlens_q,
                              max_seqlen_q=max_seqlen_q, q_descale=q_descale, k_descale=k_descale,
-                             v_descale=v_descale)
+                             v_descale=v_descale, qv=qv)
         return
     if select_backend(variant, q.device, backend) == "tilelang":
         _launch_kernel(variant, args)

@@ -2,16 +2,17 @@
 (1-8 queries per sequence), and every call on a paged cache or with FP8 inputs (any query count,
 fixed or varlen, mixed prefill/decode batches included).
 
-``build(dtype, head_dim, paged, causal, leftpad, batch_idx, sink, local, softcap, cp, varlen_q)``
-returns an uncompiled ``T.prim_func``. Only those static parameters and the tile configuration
+``build(dtype, head_dim, paged, causal, leftpad, batch_idx, sink, local, softcap, cp, varlen_q,
+head_dim_v, qv)`` returns an uncompiled ``T.prim_func``. Only those static parameters and the tile configuration
 are baked in; batch, query counts, head counts, the cache's sizes (page count, page size,
 seqlen_cache), num_splits and the cache_seqlens values are runtime values, so one compiled kernel
 serves every size and every page size (1 included). Parameters of the prim_func, in order:
 
     q              dtype    (total_q, heads_q, d): queries of all sequences   contiguous
+    qv             dtype    (total_q, heads_q, dv)                                (qv)
     k              dtype    paged: (num_pages, page_size, heads_k, d)         contiguous
                             dense: (batch_cache, seqlen_cache, heads_k, d)    contiguous
-    v              dtype    same shape as k                                   contiguous
+    v              dtype    like k, with dv (= d unless qv) as last size      contiguous
     page_table     int32    (batch_cache, max_pages)                          (paged)
     cu_seqlens_q   int32    (batch + 1,) query rows of each sequence           (varlen_q)
     tile_seq, tile_row int32 (tiles,) sequence and first row of each 64-row tile (varlen_q)
@@ -21,7 +22,7 @@ serves every size and every page size (1 included). Parameters of the prim_func,
     sink           float32  (heads_q,) learnable sink logits                       (sink)
     cp_total       int32    (batch,)  global key count of each sequence            (cp)
     q/k/v_descale  float32  (batch, heads_k) dequantization factors         (float8 dtype)
-    out_partial    float32  (num_splits, total_q, heads_q, d)                 contiguous, written
+    out_partial    float32  (num_splits, total_q, heads_q, dv)                contiguous, written
     lse_partial    float32  (num_splits, heads_q, total_q)                    contiguous, written
     tile_count     int32    tiles in the grid
     max_seqlen_q   int32    queries per sequence (the most, with varlen_q)
@@ -35,14 +36,15 @@ Without varlen_q, sequence b's queries are rows b * max_seqlen_q ... of q (a (ba
 When a static flag is off its tensor is not read (the host passes any int32 / float32 1-D
 tensor, e.g. cache_seqlens itself), so no dummy is allocated per call.
 
-Semantics (FlashAttention-3): sequence b reads cache row c = cache_batch_idx[b] (default b) and
-has seqlen_k = cache_seqlens[b] - cache_leftpad[b] keys: key j is cache row leftpad + j, i.e.
-dense k[c, leftpad + j] or paged k[page_table[c, (leftpad + j) // page_size], (leftpad + j) %
-page_size]. Query head h reads kv head h // (heads_q // heads_k). Causal is bottom-right aligned:
-query i sits at position i + seqlen_k - seqlen_q and key j at j (with context parallelism, key j
-at j * cp_world_size + cp_rank and queries aligned to cp_total[b]); causal: key position <= query
-position; local: query position - window_left <= key position <= query position + window_right,
-and both in the same attention_chunk. Scores are softmax_scale * q.k, then softcap *
+Semantics (FlashAttention-3): sequence b reads cache row c = cache_batch_idx[b] (default b) and has
+seqlen_k = cache_seqlens[b] - cache_leftpad[b] keys: key j is cache row leftpad + j, i.e. dense k[c,
+leftpad + j] or paged k[page_table[c, (leftpad + j) // page_size], (leftpad + j) % page_size]. Query
+head h reads kv head h // (heads_q // heads_k). With qv (FA3's, for MLA-style absorbed attention: d
+= 64, dv = 256 or 512, fp16/bf16) the scores gain qv . v: q.k + qv.v. Causal is bottom-right
+aligned: query i sits at position i + seqlen_k - seqlen_q and key j at j (with context parallelism,
+key j at j * cp_world_size + cp_rank and queries aligned to cp_total[b]); causal: key position <=
+query position; local: query position - window_left <= key position <= query position +
+window_right, and both in the same attention_chunk. Scores are softmax_scale * q.k, then softcap *
 tanh(scores / softcap). A learnable sink adds exp(sink[h]) to the softmax denominator only. Each
 tile walks only the key blocks its rows can see (a window of 128 keys reads ~2 blocks).
 
@@ -73,7 +75,9 @@ P V (wgmma, P in registers) run on the tensor cores (T.gemm); online softmax wit
 whose max is still -inf using 0 as its max. A split with no key block still runs one fully
 masked block, so every path issues the same gemms. FP8 K/V blocks stream as fp8 (16 per copy)
 and are widened to bf16 in shared memory before the gemms; q's and k's descales scale the scores,
-v's the output.
+v's the output. With qv the (64, dv) output accumulator is too large for one warpgroup's registers:
+two warpgroups (256 threads) split the gemms' columns (key columns of S, value columns of O), so P
+goes through shared memory, and S = Q K^T + QV V^T reads each V block twice from shared memory.
 """
 
 import functools
@@ -86,18 +90,21 @@ LN2 = 0.6931471805599453
 PASS_CONFIGS = {"tl.enable_fast_math": True}
 DTYPES = ("float16", "bfloat16", "float8_e4m3fn")
 HEAD_DIMS = (64, 128, 256)
+QV_HEAD_DIMS = ((64, 256), (64, 512))  # (d, dv) with qv, as upstream accepts (d <= 64, dv >= 256)
 BLOCK_M = 64
-THREADS = 128
 COPY_BYTES = 16  # one cp.async
 MAX_SPLITS = 128  # combine_kernel's scale table holds 256
 UNBOUNDED = 1 << 30  # a key position bound no sequence reaches
 
 
-def default_config(head_dim: int) -> tuple[int, int]:
+def default_config(head_dim: int, head_dim_v: int | None = None) -> tuple[int, int]:
     """(block_n, stages). T.Pipelined(num_stages >= 2) over a runtime trip count fails in
     TileLang 0.1.15 (its epilogue waits on ``ptx_wait_group(3 - t * 2)``, which the CUDA codegen
     rejects), hence the hand-written cp.async ring. Shared memory stays <= 112 KB (Q + the ring of
-    K and V slots) so that two CTAs share an SM."""
+    K and V slots) so that two CTAs share an SM; with qv (dv 512: QV 64 KB, 36 KB per slot) one
+    CTA holds ~184 KB."""
+    if head_dim_v is not None and head_dim_v != head_dim:
+        return 32, 3
     if head_dim <= 64:
         return 128, 3
     if head_dim <= 128:
@@ -107,7 +114,7 @@ def default_config(head_dim: int) -> tuple[int, int]:
 
 def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False, batch_idx: bool = False,
           sink: bool = False, local: bool = False, softcap: bool = False, cp: bool = False, varlen_q: bool = False,
-          block_n: int | None = None, stages: int | None = None):
+          head_dim_v: int | None = None, qv: bool = False, block_n: int | None = None, stages: int | None = None):
     """Build the decode prim_func (not compiled). See the module docstring."""
     dtype = str(dtype).replace("torch.", "")
     if dtype not in DTYPES:
@@ -118,13 +125,21 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
     math_dtype = "bfloat16" if fp8 else dtype
     chunk = COPY_BYTES // (1 if fp8 else 2)  # elements per cp.async
     D = int(head_dim)
-    if D not in HEAD_DIMS:
-        raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {D}")
-    bn0, st0 = default_config(D)
+    DV = int(head_dim_v or head_dim)
+    if qv:
+        if (D, DV) not in QV_HEAD_DIMS or fp8:
+            raise ValueError(f"qv needs (head_dim, head_dim_v) in {QV_HEAD_DIMS} and fp16/bf16, got ({D}, {DV}), "
+                             f"{dtype}")
+    elif D not in HEAD_DIMS or DV != D:
+        raise ValueError(f"head_dim must be one of {HEAD_DIMS} (head_dim_v equal), got ({D}, {DV})")
+    bn0, st0 = default_config(D, DV)
     bn = int(block_n or bn0)
     ring = int(stages or st0)
-    chunks_per_row = D // chunk
-    rows_per_pass = THREADS // chunks_per_row
+    # qv: two warpgroups split the gemms' columns (FullCol); else one warpgroup owns whole rows.
+    threads = 256 if qv else 128
+    policy = T.GemmWarpPolicy.FullCol if qv else T.GemmWarpPolicy.FullRow
+    chunks_per_row = D // chunk  # each thread copies one chunk of a K row and DV // D chunks of its V row
+    rows_per_pass = threads // chunks_per_row
     passes = bn // rows_per_pass
     if ring < 2 or bn % rows_per_pass:
         raise ValueError(f"need stages >= 2 and block_n a multiple of {rows_per_pass}, got {ring}, {bn}")
@@ -137,6 +152,8 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
     kv0, kv1, cache_rows, max_pages = T.dynamic("kv0, kv1, cache_rows, max_pages")
     n_idx, n_pad, n_sink, n_tot, n_cu, n_tiles = T.dynamic("n_idx, n_pad, n_sink, n_tot, n_cu, n_tiles")
     n_desc0, n_desc1 = T.dynamic("n_desc0, n_desc1")
+    # Without qv the qv tensor is not read (the host passes q).
+    qv_shape = (total_q, heads_q, DV) if qv else T.dynamic("n_qv0, n_qv1, n_qv2")
 
     # Visible key positions of the query at position qpos: [lowest(qpos), highest(qpos)], both
     # non-decreasing in qpos, so a tile's keys lie between its first query's lowest and its last
@@ -174,30 +191,39 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
             if paged:
                 T.ptx_cp_async(T.access_ptr(k_s[slot, row, my_col], "w", chunk),
                                T.access_ptr(k[pages[i], slots[i], kh, my_col], "r", chunk), chunk, blk < blk_end)
-                T.ptx_cp_async(T.access_ptr(v_s[slot, row, my_col], "w", chunk),
-                               T.access_ptr(v[pages[i], slots[i], kh, my_col], "r", chunk), chunk, blk < blk_end)
+                for c in T.unroll(DV // D):
+                    T.ptx_cp_async(T.access_ptr(v_s[slot, row, c * D + my_col], "w", chunk),
+                                   T.access_ptr(v[pages[i], slots[i], kh, c * D + my_col], "r", chunk), chunk,
+                                   blk < blk_end)
             else:
                 key = T.min(first_key + blk * bn + row, last_key)
                 T.ptx_cp_async(T.access_ptr(k_s[slot, row, my_col], "w", chunk),
                                T.access_ptr(k[cache_row, key, kh, my_col], "r", chunk), chunk, blk < blk_end)
-                T.ptx_cp_async(T.access_ptr(v_s[slot, row, my_col], "w", chunk),
-                               T.access_ptr(v[cache_row, key, kh, my_col], "r", chunk), chunk, blk < blk_end)
+                for c in T.unroll(DV // D):
+                    T.ptx_cp_async(T.access_ptr(v_s[slot, row, c * D + my_col], "w", chunk),
+                                   T.access_ptr(v[cache_row, key, kh, c * D + my_col], "r", chunk), chunk,
+                                   blk < blk_end)
         T.ptx_commit_group()
 
     @T.macro
-    def body(q, k, v, page_table, cu_seqlens_q, tile_seq, tile_row, cache_seqlens, cache_batch_idx, cache_leftpad,
-             sinks, cp_total, q_descale, k_descale, v_descale, out_partial, lse_partial, tile_count, max_seqlen_q,
-             softmax_scale, window_left, window_right, attention_chunk, softcap_value, cp_world_size, cp_rank):
-        with T.Kernel(tile_count, num_splits, heads_k, threads=THREADS) as (bt, bs, kh):
+    def body(q, qv_in, k, v, page_table, cu_seqlens_q, tile_seq, tile_row, cache_seqlens, cache_batch_idx,
+             cache_leftpad, sinks, cp_total, q_descale, k_descale, v_descale, out_partial, lse_partial, tile_count,
+             max_seqlen_q, softmax_scale, window_left, window_right, attention_chunk, softcap_value, cp_world_size,
+             cp_rank):
+        with T.Kernel(tile_count, num_splits, heads_k, threads=threads) as (bt, bs, kh):
             q_s = T.alloc_shared((bm, D), math_dtype)
             k_s = T.alloc_shared((ring, bn, D), dtype)
-            v_s = T.alloc_shared((ring, bn, D), dtype)
+            v_s = T.alloc_shared((ring, bn, DV), dtype)
             if fp8:  # the current block, widened for the gemms
                 k_wide = T.alloc_shared((bn, D), math_dtype)
                 v_wide = T.alloc_shared((bn, D), math_dtype)
+            if qv:
+                qv_s = T.alloc_shared((bm, DV), dtype)
+                p = T.alloc_shared((bm, bn), dtype)  # both warpgroups read every row of P
+            else:
+                p = T.alloc_fragment((bm, bn), math_dtype)
             s = T.alloc_fragment((bm, bn), acc)
-            p = T.alloc_fragment((bm, bn), math_dtype)
-            o = T.alloc_fragment((bm, D), acc)
+            o = T.alloc_fragment((bm, DV), acc)
             m = T.alloc_fragment((bm,), acc)
             m_prev = T.alloc_fragment((bm,), acc)
             alpha = T.alloc_fragment((bm,), acc)
@@ -263,6 +289,11 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
                 r = r0 + i
                 q_s[i, j] = T.if_then_else(r < rows, T.cast(q[q_start + r // group, kh * group + r % group, j],
                                                             math_dtype), T.cast(0, math_dtype))
+            if qv:
+                for i, j in T.Parallel(bm, DV):
+                    r = r0 + i
+                    qv_s[i, j] = T.if_then_else(r < rows, qv_in[q_start + r // group, kh * group + r % group, j],
+                                                T.cast(0, dtype))
             T.fill(o, 0)
             for i in T.Parallel(bm):
                 row_lo[i] = lowest((r0 + i) // group + q_off, window_left, attention_chunk)
@@ -299,10 +330,11 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
                     for i, j in T.Parallel(bn, D):
                         k_wide[i, j] = T.cast(k_s[t % ring, i, j], math_dtype)
                         v_wide[i, j] = T.cast(v_s[t % ring, i, j], math_dtype)
-                    T.gemm(q_s, k_wide, s, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                    T.gemm(q_s, k_wide, s, transpose_B=True, clear_accum=True, policy=policy)
                 else:
-                    T.gemm(q_s, k_s[t % ring, :, :], s, transpose_B=True, clear_accum=True,
-                           policy=T.GemmWarpPolicy.FullRow)
+                    T.gemm(q_s, k_s[t % ring, :, :], s, transpose_B=True, clear_accum=True, policy=policy)
+                if qv:
+                    T.gemm(qv_s, v_s[t % ring, :, :], s, transpose_B=True, policy=policy)
                 for i, j in T.Parallel(bm, bn):
                     key = n0 + j
                     position = key * cp_world_size + cp_rank if cp else key
@@ -319,19 +351,19 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
                 T.reduce_sum(s, rs, dim=1)
                 for i in T.Parallel(bm):
                     row_sum[i] = row_sum[i] * alpha[i] + rs[i]
-                for i, j in T.Parallel(bm, D):
+                for i, j in T.Parallel(bm, DV):
                     o[i, j] *= alpha[i]
                 T.copy(s, p)
                 if fp8:
-                    T.gemm(p, v_wide, o, policy=T.GemmWarpPolicy.FullRow)
+                    T.gemm(p, v_wide, o, policy=policy)
                 else:
-                    T.gemm(p, v_s[t % ring, :, :], o, policy=T.GemmWarpPolicy.FullRow)
+                    T.gemm(p, v_s[t % ring, :, :], o, policy=policy)
                 T.sync_threads()  # the slot is refilled by the next iteration's issue
             T.ptx_wait_group(0)
 
             # Epilogue: normalized partial output and lse of the rows of this tile.
             value_scale = T.alloc_var(acc, init=v_descale[bb, kh] if fp8 else 1.0)
-            for i, j in T.Parallel(bm, D):
+            for i, j in T.Parallel(bm, DV):
                 r = r0 + i
                 if r < rows:
                     out_partial[bs, q_start + r // group, kh * group + r % group, j] = T.if_then_else(
@@ -345,8 +377,9 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
     @T.prim_func
     def flash_attn_decode(
         q: T.Tensor((total_q, heads_q, D), dtype),
+        qv_in: T.Tensor(qv_shape, dtype),
         k: T.Tensor((kv0, kv1, heads_k, D), dtype),
-        v: T.Tensor((kv0, kv1, heads_k, D), dtype),
+        v: T.Tensor((kv0, kv1, heads_k, DV), dtype),
         page_table: T.Tensor((cache_rows, max_pages), "int32"),
         cu_seqlens_q: T.Tensor((n_cu,), "int32"),
         tile_seq: T.Tensor((n_tiles,), "int32"),
@@ -359,16 +392,17 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
         q_descale: T.Tensor((n_desc0, n_desc1), acc),
         k_descale: T.Tensor((n_desc0, n_desc1), acc),
         v_descale: T.Tensor((n_desc0, n_desc1), acc),
-        out_partial: T.Tensor((num_splits, total_q, heads_q, D), acc),
+        out_partial: T.Tensor((num_splits, total_q, heads_q, DV), acc),
         lse_partial: T.Tensor((num_splits, heads_q, total_q), acc),
         tile_count: T.int32, max_seqlen_q: T.int32, softmax_scale: T.float32, window_left: T.int32,
         window_right: T.int32, attention_chunk: T.int32, softcap_value: T.float32, cp_world_size: T.int32,
         cp_rank: T.int32,
     ):
         T.annotate_pass_configs(PASS_CONFIGS)
-        body(q, k, v, page_table, cu_seqlens_q, tile_seq, tile_row, cache_seqlens, cache_batch_idx, cache_leftpad,
-             sinks, cp_total, q_descale, k_descale, v_descale, out_partial, lse_partial, tile_count, max_seqlen_q,
-             softmax_scale, window_left, window_right, attention_chunk, softcap_value, cp_world_size, cp_rank)
+        body(q, qv_in, k, v, page_table, cu_seqlens_q, tile_seq, tile_row, cache_seqlens, cache_batch_idx,
+             cache_leftpad, sinks, cp_total, q_descale, k_descale, v_descale, out_partial, lse_partial, tile_count,
+             max_seqlen_q, softmax_scale, window_left, window_right, attention_chunk, softcap_value, cp_world_size,
+             cp_rank)
 
     return flash_attn_decode
 
@@ -377,18 +411,19 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
 
 @functools.lru_cache(maxsize=4096)  # static sizes repeat call after call
 def num_splits_heuristic(batch: int, heads_k: int, row_blocks: int, max_seqlen_k: int, head_dim: int,
-                         multiprocessors: int, max_splits: int = MAX_SPLITS) -> int:
+                         multiprocessors: int, max_splits: int = MAX_SPLITS, head_dim_v: int | None = None) -> int:
     """Splits per sequence from static sizes only (FA3's rule): none when the grid already fills
     0.8 of the SMs; else the smallest count whose wave efficiency is >= 85% of the best."""
     tiles = batch * heads_k * row_blocks
-    bn, _ = default_config(head_dim)
+    bn, _ = default_config(head_dim, head_dim_v)
     n_blocks = max(1, -(-max_seqlen_k // bn))
     if tiles >= 0.8 * multiprocessors:
         return 1
     limit = min(max_splits, multiprocessors, n_blocks)
     if limit <= 1:
         return 1
-    sms = 2 * multiprocessors  # CTAs resident at once (at least 2 per SM: 48-96 KB smem each)
+    # CTAs resident at once: 2 per SM (48-112 KB of shared memory each), 1 with qv (~184 KB).
+    sms = multiprocessors * (1 if head_dim_v not in (None, head_dim) else 2)
 
     def eligible(n):  # splits that leave no split without a block: ceil stays distinct
         return n == 1 or -(-n_blocks // n) != -(-n_blocks // (n - 1))
@@ -408,7 +443,7 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
            num_splits: int = 0, kernel=None, cache_batch_idx=None, cache_leftpad=None, learnable_sink=None,
            window: tuple[int, int] = (-1, -1), attention_chunk: int = 0, softcap: float = 0.0,
            cp_world_size: int = 1, cp_rank: int = 0, cp_tot_seqused_k=None, cu_seqlens_q=None,
-           max_seqlen_q: int | None = None, q_descale=None, k_descale=None, v_descale=None) -> None:
+           max_seqlen_q: int | None = None, q_descale=None, k_descale=None, v_descale=None, qv=None) -> None:
     """Split kernel + combine on torch tensors; no host sync (CUDA-graph capturable).
 
     q (batch, seqlen_q, heads_q, d), or (total_q, heads_q, d) with cu_seqlens_q (batch + 1,) int32
@@ -418,7 +453,8 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
     window (left, right), -1 unbounded, on top of causal; attention_chunk (0: none); softcap (0:
     none); context parallelism: this rank's key j is global key j * cp_world_size + cp_rank and
     queries align to cp_tot_seqused_k (batch,). float8_e4m3fn q / k / v take q/k/v_descale (batch,
-    heads_k) (None: 1) and write a bfloat16 out. out (shaped like q) and softmax_lse ((batch,
+    heads_k) (None: 1) and write a bfloat16 out. qv (shaped like q, with v's head dim; d = 64, dv 256 or
+    512) adds qv . v to the scores. out (shaped like q, v's head dim) and softmax_lse ((batch,
     heads_q, seqlen_q), or (heads_q, total_q) with cu_seqlens_q) are written in place.
     num_splits <= 0 picks the count from static sizes.
     """
@@ -430,7 +466,7 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
 
     varlen_q = cu_seqlens_q is not None
     heads_q, d = q.shape[-2:]
-    heads_k = k.shape[2]
+    heads_k, dv = k.shape[2], v.shape[-1]
     if varlen_q:
         batch, total_q, seqlen_q = cu_seqlens_q.shape[0] - 1, q.shape[0], int(max_seqlen_q)
     else:
@@ -448,7 +484,7 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
                "leftpad": cache_leftpad is not None, "batch_idx": cache_batch_idx is not None,
                "sink": learnable_sink is not None,
                "local": left >= 0 or (right >= 0 and not causal) or attention_chunk > 0,
-               "softcap": softcap > 0, "cp": cp, "varlen_q": varlen_q}
+               "softcap": softcap > 0, "cp": cp, "varlen_q": varlen_q, "head_dim_v": dv, "qv": qv is not None}
         kernel = jit.get_kernel(DECODE.name, var, info.tilelang_target, DECODE.build)
     max_seqlen_k = page_table.shape[1] * k.shape[1] if paged else k.shape[1]
     # Keys a query can see at most, for the split count (a window or chunk bounds them).
@@ -460,12 +496,12 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
     rows = seqlen_q * (heads_q // heads_k)
     if num_splits <= 0:
         num_splits = num_splits_heuristic(batch, heads_k, -(-rows // BLOCK_M), -(-span // max(cp_world_size, 1)), d,
-                                          info.multiprocessors)
+                                          info.multiprocessors, head_dim_v=dv)
     num_splits = max(1, min(int(num_splits), MAX_SPLITS))
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     # The kernel writes every query row once per split: (splits, total_q, heads, d) and its LSE
     # (splits, heads, total_q); the combine reads them as (splits, batch, seqlen, heads, d) views.
-    out_partial = torch.empty(num_splits, total_q, heads_q, d, dtype=torch.float32, device=device)
+    out_partial = torch.empty(num_splits, total_q, heads_q, dv, dtype=torch.float32, device=device)
     lse_partial = torch.empty(num_splits, heads_q, total_q, dtype=torch.float32, device=device)
     if seqused_k is None:
         seqused_k = torch.full((batch,), max_seqlen_k, dtype=torch.int32, device=device)
@@ -489,17 +525,18 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
     else:
         tile_seq = tile_row = seqused_k
         tile_count = batch * -(-rows // BLOCK_M)
-    kernel(q.view(total_q, heads_q, d), k, v, table, int_vector(cu_seqlens_q), tile_seq, tile_row, seqused_k,
+    qv = q.view(total_q, heads_q, d) if qv is None else qv.contiguous().view(total_q, heads_q, dv)
+    kernel(q.view(total_q, heads_q, d), qv, k, v, table, int_vector(cu_seqlens_q), tile_seq, tile_row, seqused_k,
            int_vector(cache_batch_idx), int_vector(cache_leftpad), sinks, int_vector(cp_tot_seqused_k if cp else None),
            *descales, out_partial, lse_partial, tile_count,
            seqlen_q, float(softmax_scale), left, right, int(attention_chunk), float(softcap),
            int(cp_world_size) if cp else 1, int(cp_rank) if cp else 0)
     if varlen_q:  # one "batch" of total_q rows; the LSE is (heads, total_q)
-        _combine(out_partial.view(num_splits, 1, total_q, heads_q, d),
+        _combine(out_partial.view(num_splits, 1, total_q, heads_q, dv),
                  lse_partial.view(num_splits, heads_q, 1, total_q).permute(0, 2, 3, 1),
                  out.unsqueeze(0), softmax_lse.unsqueeze(1).permute(1, 2, 0))
     else:
-        _combine(out_partial.view(num_splits, batch, seqlen_q, heads_q, d),
+        _combine(out_partial.view(num_splits, batch, seqlen_q, heads_q, dv),
                  lse_partial.view(num_splits, heads_q, batch, seqlen_q).permute(0, 2, 3, 1),
                  out, softmax_lse.transpose(1, 2))
 
