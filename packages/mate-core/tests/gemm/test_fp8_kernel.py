@@ -78,9 +78,34 @@ def test_one_compile_serves_every_m():
             api.fp8_gemm_nt(a, b, d)
             assert calc_diff(d, _expected(a, b)) < MAX_DIFF
         counts.append(jit.stats["compiled"] + jit.stats["loaded"] - before)
-    tiles = [{fp8_launch.tile_for(m, n, "dense", sms) for m in bucket} for bucket in buckets]
+    tiles = [{fp8_launch.tile_for(m, n, k, "dense", sms) for m in bucket} for bucket in buckets]
     assert counts == [len(tiles[0]), len(tiles[1] - tiles[0])] and len(tiles[0]) == 1
     assert len([vid for vid in jit._kernels if "n=384," in vid and "k=640," in vid]) == len(tiles[0] | tiles[1])
+
+
+@pytest.mark.parametrize("tile", ["m64n64s4", "m128n128s2", "m64n128s8"])
+def test_split_k_tiles(monkeypatch, tile):
+    """Split-K (the last CTA of a tile sums the splits and resets its counter): every split tile on
+    ragged M and N, repeated calls (the counters must come back to zero) and a CUDA-graph replay."""
+    monkeypatch.setattr(fp8_launch, "tile_for", lambda *args, **kwargs: tile)
+    for m, n, k in [(1, 2112, 7168), (64, 200, 1024), (100, 4096, 512), (128, 136, 384)]:
+        a, b = _dense_inputs(m, n, k)
+        expected = _expected(a, b)
+        for _ in range(2):
+            d = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+            api.fp8_gemm_nt(a, b, d)
+            diff = calc_diff(d, expected)
+            assert diff < MAX_DIFF, (tile, m, n, k, float(diff))
+    d = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        api.fp8_gemm_nt(a, b, d)
+    for _ in range(3):
+        d.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert calc_diff(d, expected) < MAX_DIFF
 
 
 def test_mate_gemm_fp8_nt_groupwise_and_bmm_fp8():

@@ -19,6 +19,8 @@ from mate.ops.gemm import fp8_kernel, fp8_launch, support  # noqa: E402
     ({"layout": "ragged"}, "layout must be one of"),
     ({"block_n": 96}, "block_n"),
     ({"block_m": 64, "threads": 256}, "block_m"),
+    ({"layout": "masked", "splits": 2}, "splits"),
+    ({"block_n": 256, "splits": 2}, "splits"),
 ])
 def test_build_rejects_bad_configs(kwargs, match):
     args = {"n": 256, "k": 512, "layout": "dense"}
@@ -36,21 +38,25 @@ def test_kernel_variants_are_supported_dispatch_variants():
 @pytest.mark.compile
 @pytest.mark.parametrize("layout,n,k,tile", [("dense", 2112, 7168, "m128n128"), ("dense", 7168, 2048, "m64n64"),
                                            ("dense", 7168, 2048, "m128n256"), ("contiguous", 4096, 7168, "m128n256"),
-                                           ("masked", 7168, 2048, "m128n128"), ("masked", 4096, 7168, "m128n256")])
+                                           ("masked", 7168, 2048, "m128n128"), ("masked", 4096, 7168, "m128n256"),
+                                           ("dense", 2112, 7168, "m64n64s4")])
 def test_kernel_compiles_for_sm90a(layout, n, k, tile):
     op = support.FP8_GEMM if layout == "dense" else support.M_GROUPED_FP8_GEMM
     kernel = jit.get_kernel(op.name, fp8_launch.kernel_variant(n, k, layout, tile),
                             platform.tilelang_target("sm_90a"), op.build)
     src = kernel.get_kernel_source()
     assert "tl::tma_load(a_desc" in src and "tl::tma_load(b_desc" in src and "tl::tma_load(sfa_desc" in src
-    block_n = 64 if tile == "m64n64" else 128  # 128 x 256 tiles: two 128-column wgmma passes
+    block_n = min(fp8_kernel.TILES[tile]["block_n"], 128)  # 128 x 256 tiles: two 128-column wgmma passes
     assert re.search(r"wgmma_ss<tl::DataType::kFloat8_e4m3, tl::DataType::kFloat8_e4m3, tl::DataType::kFloat32, "
                      rf"64, {block_n}, 32", src)
     assert "warpgroup_reg_dealloc" in src and "warpgroup_reg_alloc" in src  # producer / consumer split
     assert "rasterization2DRow" in src
     if tile == "m128n256":
         assert src.count("tl::tma_load(b_desc") == 2 and "float acc1[64]" in src  # one B tile and accumulator per half
-    assert f"kb < {k // 128}" in src  # the K loop has a compile-time trip count
+    splits = fp8_kernel.TILES[tile].get("splits", 1)
+    assert f"kb < {k // 128 // splits}" in src  # the K loop has a compile-time trip count
+    if splits > 1:  # the last CTA of a tile (counted atomically after a fence) sums the splits
+        assert "__threadfence();" in src and "AtomicAddRet(" in src
     assert "int M" in src  # M is a runtime argument
     if layout == "masked":
         assert "tl::tma_store" not in src  # rows past masked_m are not written

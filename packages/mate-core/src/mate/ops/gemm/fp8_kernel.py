@@ -50,15 +50,24 @@ BLOCK_K = 128  # = the scale block along K
 LAYOUTS = ("dense", "contiguous", "masked")
 # Tile buckets (fp8_launch.tile_for picks one per call; measured on H100, benchmarks/PERFORMANCE.md):
 # 128 x 256 for large M where it fills the waves (1.20-1.27x the 128 x 128 throughput), 128 x 128
-# otherwise; 64 x 64 and 64 x 128 put more blocks in flight at small M. 128 x 256 keeps 3 stages
-# (4 do not fit beside the masked layout's staging tiles; 3 measured as fast as 4 for dense).
-TILES = {"m128n128": {"block_m": 128, "block_n": 128, "threads": 256, "num_stages": 4},
-         "m128n256": {"block_m": 128, "block_n": 256, "threads": 256, "num_stages": 3},
-         "m64n128": {"block_m": 64, "block_n": 128, "threads": 128, "num_stages": 6},
-         "m64n64": {"block_m": 64, "block_n": 64, "threads": 128, "num_stages": 8}}
+# otherwise. Small M (weight-bandwidth-bound): the tile that puts the most blocks, up to one per SM,
+# in flight, among 64- or 128-row tiles 64, 128 or 256 wide and split-K (`splits`, `_split_kernel`)
+# 64-wide ones where the N blocks alone are too few. 128 x 256 keeps 3 stages (4 do not fit beside
+# the masked layout's staging tiles; 3 measured as fast as 4 for dense).
+_M64 = {"block_m": 64, "threads": 128}
+_M128 = {"block_m": 128, "threads": 256}
+TILES = {"m128n128": {**_M128, "block_n": 128, "num_stages": 4},
+         "m128n256": {**_M128, "block_n": 256, "num_stages": 3},
+         "m128n64": {**_M128, "block_n": 64, "num_stages": 6},
+         "m64n256": {**_M64, "block_n": 256, "num_stages": 4},
+         "m64n128": {**_M64, "block_n": 128, "num_stages": 6},
+         "m64n64": {**_M64, "block_n": 64, "num_stages": 8},
+         **{f"m128n64s{s}": {**_M128, "block_n": 64, "num_stages": 6, "splits": s} for s in (2, 4, 8)},
+         **{f"m64n64s{s}": {**_M64, "block_n": 64, "num_stages": 8, "splits": s} for s in (2, 4, 8)}}
 
 
 FP8, ACC, OUT = "float8_e4m3fn", "float32", "bfloat16"
+SPLIT_BARRIER = 8  # named barrier of the split-K fixup (TileLang's own syncs use lower ids)
 
 
 def _signature(n: int, k: int) -> SimpleNamespace:
@@ -95,8 +104,9 @@ def default_config(n: int, k: int, layout: str) -> dict:
 
 
 def fp8_gemm_kernel(n: int, k: int, layout: str = "dense", *, block_m: int = 128, block_n: int = 128,
-                    num_stages: int = 4, threads: int = 256, panel: int = 8):
-    """Build the prim_func (not compiled) for weights of shape (n, k)."""
+                    num_stages: int = 4, threads: int = 256, panel: int = 8, splits: int = 1):
+    """Build the prim_func (not compiled) for weights of shape (n, k). `splits` > 1 (dense only):
+    split-K over that many CTAs per tile (see `_split_kernel`)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if k <= 0 or k % BLOCK_K:
@@ -109,25 +119,31 @@ def fp8_gemm_kernel(n: int, k: int, layout: str = "dense", *, block_m: int = 128
     if block_m not in (64, 128) or threads != 2 * block_m:
         raise ValueError("block_m must be 64 or 128 with one consumer warpgroup (128 threads) per 64 rows, got "
                          f"block_m {block_m}, threads {threads}")
+    if splits < 1 or (splits > 1 and (layout != "dense" or block_n == 256)):
+        raise ValueError(f"splits must be 1, or > 1 with the dense layout and block_n <= 128, got {splits} "
+                         f"({layout}, block_n {block_n})")
     if block_n == 256:
         return _wide_kernel(n, k, layout, block_m=block_m, num_stages=num_stages, threads=threads, panel=panel)
+    parts = _narrow_parts(n, layout, block_m, block_n, num_stages)
+    if k_splits(k, splits) > 1:
+        return _split_kernel(n, k, parts, block_m=block_m, block_n=block_n, threads=threads, panel=panel,
+                             splits=k_splits(k, splits))
     kb_count = k // BLOCK_K
     n_blocks = -(-n // block_n)
 
     sig = _signature(n, k)
     M, GA = sig.M, sig.GA
-    fp8, acc_t, out_t = FP8, ACC, OUT
 
     @T.prim_func
     def fp8_gemm(a: sig.a, b: sig.b, d: sig.d, sfa: sig.sfa, sfb: sig.sfb, aux: sig.aux):
         with T.Kernel(n_blocks, T.ceildiv(M, block_m), GA, threads=threads) as (bx, by, bz):
-            a_s = T.alloc_shared((block_m, BLOCK_K), fp8)
-            b_s = T.alloc_shared((block_n, BLOCK_K), fp8)
-            sa_s = T.alloc_shared((block_m,), acc_t)
-            sb_s = T.alloc_shared((kb_count,), acc_t)
-            d_s = T.alloc_shared((block_m, block_n), out_t)
-            partial = T.alloc_fragment((block_m, block_n), acc_t)
-            acc = T.alloc_fragment((block_m, block_n), acc_t)
+            a_s = T.alloc_shared((block_m, BLOCK_K), FP8)
+            b_s = T.alloc_shared((block_n, BLOCK_K), FP8)
+            sa_s = T.alloc_shared((block_m,), ACC)
+            sb_s = T.alloc_shared((kb_count,), ACC)
+            d_s = T.alloc_shared((block_m, block_n), OUT)
+            partial = T.alloc_fragment((block_m, block_n), ACC)
+            acc = T.alloc_fragment((block_m, block_n), ACC)
 
             T.use_swizzle(panel_size=panel)
             m0 = by * block_m
@@ -136,29 +152,108 @@ def fp8_gemm_kernel(n: int, k: int, layout: str = "dense", *, block_m: int = 128
             rows = _rows(layout, aux, M, m0, bz)
 
             if rows > 0:
-                for kk in T.Parallel(kb_count):
-                    sb_s[kk] = sfb[group, bx * block_n // 128, kk]
-                T.clear(acc)
-                for kb in T.Pipelined(kb_count, num_stages=num_stages):
-                    T.copy(a[bz, m0:m0 + block_m, kb * BLOCK_K:(kb + 1) * BLOCK_K], a_s)
-                    T.copy(b[group, n0:n0 + block_n, kb * BLOCK_K:(kb + 1) * BLOCK_K], b_s)
-                    T.copy(sfa[bz, kb, m0:m0 + block_m], sa_s)
-                    T.gemm(a_s, b_s, partial, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
-                    for i, j in T.Parallel(block_m, block_n):
-                        acc[i, j] += partial[i, j] * (sa_s[i] * sb_s[kb])
-
+                parts.k_loop(a, b, sfa, sfb, bz, group, m0, n0, 0, kb_count, a_s, b_s, sa_s, sb_s, partial, acc)
                 if layout == "contiguous":
                     for i, j in T.Parallel(block_m, block_n):
                         acc[i, j] = T.if_then_else(aux[T.min(m0 + i, M - 1)] >= 0, acc[i, j], T.float32(0))
-                T.copy(acc, d_s)
-                if layout == "masked":
-                    for i, j in T.Parallel(block_m, block_n):
-                        if i < rows and n0 + j < n:
-                            d[bz, m0 + i, n0 + j] = d_s[i, j]
-                else:
-                    T.copy(d_s, d[bz, m0:m0 + block_m, n0:n0 + block_n])
+                parts.store(d, acc, d_s, bz, m0, n0, rows)
 
     return fp8_gemm
+
+
+def _narrow_parts(n: int, layout: str, block_m: int, block_n: int, num_stages: int) -> SimpleNamespace:
+    """The macros of a block_n <= 128 tile: the K loop and the bf16 store."""
+
+    @T.macro
+    def k_loop(a, b, sfa, sfb, bz, group, m0, n0, kb0, steps, a_s, b_s, sa_s, sb_s, partial, acc):
+        # acc = the tile's sum over K blocks kb0 .. kb0 + steps - 1, each promoted with its scales.
+        for kk in T.Parallel(steps):
+            sb_s[kk] = sfb[group, n0 // 128, kb0 + kk]
+        T.clear(acc)
+        for kb in T.Pipelined(steps, num_stages=num_stages):
+            T.copy(a[bz, m0:m0 + block_m, (kb0 + kb) * BLOCK_K:(kb0 + kb + 1) * BLOCK_K], a_s)
+            T.copy(b[group, n0:n0 + block_n, (kb0 + kb) * BLOCK_K:(kb0 + kb + 1) * BLOCK_K], b_s)
+            T.copy(sfa[bz, kb0 + kb, m0:m0 + block_m], sa_s)
+            T.gemm(a_s, b_s, partial, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+            for i, j in T.Parallel(block_m, block_n):
+                acc[i, j] += partial[i, j] * (sa_s[i] * sb_s[kb])
+
+    @T.macro
+    def store(d, acc, d_s, bz, m0, n0, rows):
+        T.copy(acc, d_s)
+        if layout == "masked":
+            for i, j in T.Parallel(block_m, block_n):
+                if i < rows and n0 + j < n:
+                    d[bz, m0 + i, n0 + j] = d_s[i, j]
+        else:
+            T.copy(d_s, d[bz, m0:m0 + block_m, n0:n0 + block_n])
+
+    return SimpleNamespace(k_loop=k_loop, store=store)
+
+
+def k_splits(k: int, splits: int) -> int:
+    """The split count a kernel built with `splits` uses: the largest divisor of the K block count
+    not above it (every split then runs the same static number of K blocks)."""
+    kb_count = k // BLOCK_K
+    return max(s for s in range(1, min(splits, kb_count) + 1) if kb_count % s == 0)
+
+
+def _split_kernel(n: int, k: int, parts: SimpleNamespace, *, block_m: int, block_n: int, threads: int, panel: int,
+                  splits: int):
+    """Dense split-K for small M (weight-bandwidth-bound, too few tiles to fill the SMs): the grid's
+    z runs over `splits` K ranges, each CTA writes its fp32 tile into ws[split], and the last CTA
+    of a tile to finish (counted in flags[tile] with an atomic add) sums the splits in a fixed
+    order (deterministic), stores bf16 D and resets its counter to 0, so the zero-initialized
+    flags serve the next call without a memset (CUDA-graph capturable, no host sync). Each K
+    block is promoted with its own scales, so a split's partial sum is exact up to fp32 order.
+
+    Extra parameters: ws float32 (splits, WM, n rounded up to block_n), WM >= M rounded up to
+    block_m; flags int32 (F,) with F >= the tile count, zero before the call (and left zero
+    after it)."""
+    steps = k // BLOCK_K // splits
+    n_blocks = -(-n // block_n)
+    sig = _signature(n, k)
+    M = sig.M
+    WM, F = T.dynamic("WM, F")
+    ws_t = T.Tensor((splits, WM, n_blocks * block_n), ACC)
+    flags_t = T.Tensor((F,), "int32")
+
+    @T.prim_func
+    def fp8_gemm_split(a: sig.a, b: sig.b, d: sig.d, sfa: sig.sfa, sfb: sig.sfb, aux: sig.aux, ws: ws_t,
+                       flags: flags_t):
+        with T.Kernel(n_blocks, T.ceildiv(M, block_m), splits, threads=threads) as (bx, by, kz):
+            a_s = T.alloc_shared((block_m, BLOCK_K), FP8)
+            b_s = T.alloc_shared((block_n, BLOCK_K), FP8)
+            sa_s = T.alloc_shared((block_m,), ACC)
+            sb_s = T.alloc_shared((steps,), ACC)
+            d_s = T.alloc_shared((block_m, block_n), OUT)
+            last = T.alloc_shared((1,), "int32")
+            partial = T.alloc_fragment((block_m, block_n), ACC)
+            acc = T.alloc_fragment((block_m, block_n), ACC)
+            tx = T.get_thread_binding()
+
+            T.use_swizzle(panel_size=panel)
+            m0 = by * block_m
+            n0 = bx * block_n
+            tile = by * n_blocks + bx
+            parts.k_loop(a, b, sfa, sfb, 0, 0, m0, n0, kz * steps, steps, a_s, b_s, sa_s, sb_s, partial, acc)
+            T.copy(acc, ws[kz, m0:m0 + block_m, n0:n0 + block_n])
+            T.call_extern("handle", "__threadfence")  # this thread's partials reach L2 before the count
+            T.sync_threads(SPLIT_BARRIER, threads)
+            if tx == 0:
+                last[0] = T.atomic_add(flags[tile], 1, return_prev=True)
+            T.sync_threads(SPLIT_BARRIER, threads)
+            if last[0] == splits - 1:
+                T.call_extern("handle", "__threadfence")
+                T.clear(acc)
+                for s in T.unroll(splits):
+                    for i, j in T.Parallel(block_m, block_n):
+                        acc[i, j] += ws[s, m0 + i, n0 + j]
+                if tx == 0:
+                    flags[tile] = 0
+                parts.store(d, acc, d_s, 0, m0, n0, M - m0)
+
+    return fp8_gemm_split
 
 
 def _wide_kernel(n: int, k: int, layout: str, *, block_m: int, num_stages: int, threads: int, panel: int):

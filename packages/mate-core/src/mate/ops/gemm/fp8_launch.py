@@ -21,38 +21,54 @@ from mate import jit, platform
 from mate.ops.gemm import layouts
 
 _dummy_aux: dict[torch.device, torch.Tensor] = {}
-
+_split_flags: dict[tuple[torch.device, torch.Stream], torch.Tensor] = {}
 
 SMALL_M = 128  # dense calls with M <= SMALL_M are weight-bandwidth-bound: tiles chosen to fill the SMs
-# Tile buckets (one compile each) as (block_m, block_n), and the compute-bound tiles' measured
-# throughput per SM relative to 128 x 128 (H100, M = 4096: 128 x 256 tiles 1.20-1.27x faster, as
-# they read A from L2 half as often; benchmarks/PERFORMANCE.md "gemm").
-TILE_SHAPES = {"m128n256": (128, 256), "m128n128": (128, 128), "m64n128": (64, 128), "m64n64": (64, 64)}
+# The compute-bound tiles' measured throughput per SM relative to 128 x 128 (H100, M = 4096: 128 x 256
+# tiles 1.20-1.27x faster, as they read A from L2 half as often; benchmarks/PERFORMANCE.md "gemm").
 TILE_SPEED = {"m128n128": 1.0, "m128n256": 1.2}
-FILL = 0.75  # small M: the largest tile that still puts FILL x SMs blocks in flight
+# Small-M tile buckets (split-K ones included) that tile_for chooses among.
+SMALL_M_TILES = ("m128n256", "m128n128", "m128n64", "m64n256", "m64n128", "m64n64", "m128n64s2", "m128n64s4",
+                 "m128n64s8", "m64n64s2", "m64n64s4", "m64n64s8")
+SPLIT_FLAGS = 1 << 14  # split-K tile counters per (device, stream); more tiles than this are not split
 
 
-def tile_for(m: int, n: int, layout: str, sms: int = 132, groups: int = 1) -> str:
+def _tile_shape(tile: str, k: int) -> tuple[int, int, int]:
+    """(block_m, block_n, K splits) of a tile bucket for K = k (the kernel module imports TileLang,
+    hence the late import)."""
+    from mate.ops.gemm import fp8_kernel
+
+    cfg = fp8_kernel.TILES[tile]
+    return cfg["block_m"], cfg["block_n"], fp8_kernel.k_splits(k, cfg.get("splits", 1))
+
+
+def tile_for(m: int, n: int, k: int, layout: str, sms: int = 132, groups: int = 1) -> str:
     """The tile bucket of a call. `m` is the rows per group (masked: the static M_max), `groups`
     the groups of a masked call.
 
-    * Dense M <= SMALL_M (weight-bandwidth-bound): the largest tile of at most M rows (rounded up
-      to 64) whose block count reaches FILL x the SMs, else the one with the most blocks (measured
-      at M = 64 and 128 on five DeepSeek-V3 shapes, this picks the fastest of 64x64, 64x128 and
-      128x128 in all 10 cases).
+    * Dense M <= SMALL_M (weight-bandwidth-bound): among SMALL_M_TILES of at most M rows (rounded
+      up to 64), the one with the most blocks (K splits included) that still fit in one wave over
+      the SMs, ties to the taller tile (B read once), then to fewer splits; if none fits, the one
+      with the fewest blocks. Measured at M = 64 and 128 on the six DeepSeek-V3 shapes against 6
+      to 18 candidate tiles each, this picks the fastest in 11 of 12 cases (the 12th within 3%).
     * Otherwise (compute-bound; the M-grouped layouts always, with their 128-row blocks): 128 x 128
       or 128 x 256, whichever finishes first counting whole waves over the SMs: waves x tile
       area / the tile's measured speed (DeepGEMM's heuristic in spirit)."""
     if layout == "dense" and m <= SMALL_M:
-        shapes = [(t, bm, bn) for t, (bm, bn) in TILE_SHAPES.items() if bm <= -(-m // 64) * 64]
-        counts = {t: -(-m // bm) * -(-n // bn) for t, bm, bn in shapes}
-        for t, _, _ in shapes:  # largest tile first
-            if counts[t] >= FILL * sms:
-                return t
-        return max(shapes, key=lambda s: (counts[s[0]], -s[1] * s[2]))[0]
+        rows = -(-m // 64) * 64
+        keys = {}  # tile -> (blocks, block_m, -splits)
+        for tile in SMALL_M_TILES:
+            bm, bn, splits = _tile_shape(tile, k)
+            tiles = -(-m // bm) * -(-n // bn)
+            if bm <= rows and (splits == 1 or tiles <= SPLIT_FLAGS):
+                keys[tile] = (tiles * splits, bm, -splits)
+        fitting = [tile for tile, key in keys.items() if key[0] <= sms]
+        if fitting:
+            return max(fitting, key=keys.get)
+        return min(keys, key=lambda tile: (keys[tile][0], -keys[tile][1], -keys[tile][2]))
     best, best_cost = None, None
     for tile in ("m128n128", "m128n256"):
-        bm, bn = TILE_SHAPES[tile]
+        bm, bn, _ = _tile_shape(tile, k)
         tiles = groups * -(-m // bm) * -(-n // bn)
         cost = -(-tiles // sms) * bm * bn / TILE_SPEED[tile]
         if best_cost is None or cost < best_cost - 1e-9:
@@ -115,16 +131,31 @@ def _fits_int32(*tensors: torch.Tensor) -> None:
                                       f"{tuple(t.shape)} has {t.numel()} elements (at most 2**31 - 1 supported)")
 
 
+def _split_args(m: int, n: int, tile_shape: tuple[int, int, int], device: torch.device) -> list[torch.Tensor]:
+    """The split-K kernel's extra arguments: the fp32 partial-tile workspace (whole tiles) and the
+    tile counters of the current stream (zeroed once; every call leaves them zero)."""
+    bm, bn, splits = tile_shape
+    ws = torch.empty((splits, -(-m // bm) * bm, -(-n // bn) * bn), dtype=torch.float32, device=device)
+    key = (device, torch.get_device_module(device.type).current_stream(device))
+    flags = _split_flags.get(key)
+    if flags is None:
+        flags = _split_flags[key] = torch.zeros(SPLIT_FLAGS, dtype=torch.int32, device=device)
+    return [ws, flags]
+
+
 def fp8_gemm_nt(op_name: str, build, a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor,
                 d: torch.Tensor) -> None:
     """d (M, N) bf16 = A (M, K) . B (N, K)^T with (1, 128) / (128, 128) float32 scales."""
     m, k = a.shape
     n = b.shape[0]
     _fits_int32(a, b, d)
-    kernel = _kernel(op_name, build, n, k, "dense", a.device, tile_for(m, n, "dense", _sms(a.device)))
+    tile = tile_for(m, n, k, "dense", _sms(a.device))
+    kernel = _kernel(op_name, build, n, k, "dense", a.device, tile)
     out = d if d.is_contiguous() and d.data_ptr() % 16 == 0 else torch.empty(d.shape, dtype=d.dtype, device=d.device)
-    kernel(_aligned(a).unsqueeze(0), _aligned(b).unsqueeze(0), out.unsqueeze(0), _sfa_view(sfa),
-           _aligned(sfb).unsqueeze(0), _aux_placeholder(a.device))
+    args = [_aligned(a).unsqueeze(0), _aligned(b).unsqueeze(0), out.unsqueeze(0), _sfa_view(sfa),
+            _aligned(sfb).unsqueeze(0), _aux_placeholder(a.device)]
+    shape = _tile_shape(tile, k)
+    kernel(*args, *(_split_args(m, n, shape, a.device) if shape[2] > 1 else ()))
     if out is not d:
         d.copy_(out)
 
@@ -136,7 +167,7 @@ def m_grouped_contiguous(op_name: str, build, a: torch.Tensor, sfa: torch.Tensor
     m, k = a.shape
     n = b.shape[1]
     _fits_int32(a, b, d)
-    kernel = _kernel(op_name, build, n, k, "contiguous", a.device, tile_for(m, n, "contiguous", _sms(a.device)))
+    kernel = _kernel(op_name, build, n, k, "contiguous", a.device, tile_for(m, n, k, "contiguous", _sms(a.device)))
     out = d if d.is_contiguous() and d.data_ptr() % 16 == 0 else torch.empty(d.shape, dtype=d.dtype, device=d.device)
     kernel(_aligned(a).unsqueeze(0), _aligned(b), out.unsqueeze(0), _sfa_view(sfa), _aligned(sfb),
            _aligned(m_indices))
@@ -151,7 +182,7 @@ def m_grouped_masked(op_name: str, build, a: torch.Tensor, sfa: torch.Tensor, b:
     groups, max_m, k = a.shape
     n = b.shape[1]
     _fits_int32(a, b, d)
-    kernel = _kernel(op_name, build, n, k, "masked", a.device, tile_for(max_m, n, "masked", _sms(a.device), groups))
+    kernel = _kernel(op_name, build, n, k, "masked", a.device, tile_for(max_m, n, k, "masked", _sms(a.device), groups))
     if not (d.is_contiguous() and d.data_ptr() % 16 == 0):
         out = d.contiguous()
         kernel(_aligned(a), _aligned(b), out, _sfa_view(sfa), _aligned(sfb), _aligned(masked_m))
