@@ -120,7 +120,6 @@ def fake_gpu(monkeypatch):
     """Pretend the CPU is a GPU so the backend choice sees a device without a GEMM kernel."""
     info = platform.DeviceInfo("cuda", "Fake H100", "sm_90a", 132, 227 * 1024)
     monkeypatch.setattr(platform, "device_info", lambda device=None: info)
-    monkeypatch.setattr(api, "_warned", set())
     monkeypatch.setattr(dispatch, "_warned", set())
     return info
 
@@ -141,11 +140,16 @@ def test_gpu_without_kernel_raises_unsupported(fake_gpu, monkeypatch):
     with pytest.raises(mate.UnsupportedError, match="does not support n_multiple_of_8=False"):
         api.bf16_gemm_nt(torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16),
                          torch.empty(4, 4))
-    with pytest.raises(mate.UnsupportedError, match="no TileLang GEMM kernel yet"):
-        api.m_grouped_bf16_gemm_nt_masked(torch.randn(1, 4, 8, dtype=torch.bfloat16),
-                                          torch.randn(1, 8, 8, dtype=torch.bfloat16),
-                                          torch.empty(1, 4, 8, dtype=torch.bfloat16),
-                                          torch.tensor([4], dtype=torch.int32), 4)
+    with pytest.raises(mate.UnsupportedError, match="does not support psum=True"):
+        api.m_grouped_bf16_gemm_nt_contiguous(torch.randn(128, 8, dtype=torch.bfloat16),
+                                              torch.randn(1, 8, 8, dtype=torch.bfloat16),
+                                              torch.empty(128, 8, dtype=torch.bfloat16),
+                                              torch.tensor([100], dtype=torch.int32), use_psum_layout=True)
+    k_a = (torch.zeros(128, 8, dtype=torch.float8_e4m3fn), torch.ones(1, 8))
+    k_b = (torch.zeros(128, 6, dtype=torch.float8_e4m3fn), torch.ones(1, 6))
+    with pytest.raises(mate.UnsupportedError, match="does not support n_multiple_of_4=False"):
+        api.k_grouped_fp8_gemm_tn_contiguous(k_a, k_b, torch.zeros(1, 8, 6), [128],
+                                             torch.tensor([128], dtype=torch.int32), torch.zeros(1, 8, 6))
 
 
 def test_gpu_fallback_runs_reference(fake_gpu, monkeypatch):
@@ -163,12 +167,11 @@ def test_gpu_fallback_runs_reference(fake_gpu, monkeypatch):
     assert not d.float().isnan().any()
 
 
-def test_kernel_ops_are_registered_and_the_others_declared():
+def test_every_gemm_op_is_registered():
     from mate.ops.gemm import support
 
     registered = {op.name for op in dispatch.ops()}
-    assert {op.name for op in support.KERNEL_OPS} <= registered
-    assert not registered & {op.name for op in support.OPS if op not in support.KERNEL_OPS}
+    assert {op.name for op in support.OPS} <= registered
     assert support.FP8_GEMM.support.features["major_a"] == ("K",)
     assert support.FP8_GEMM.support.features["recipe"] == ((1, 128, 128),)
     run, expected = support.FP8_GEMM.check_case(torch.device("cpu"))

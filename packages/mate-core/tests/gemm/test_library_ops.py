@@ -43,5 +43,6 @@ def test_grouped_opchecks():
                           (torch.randn(2, 8, 128, dtype=torch.bfloat16), b, d3, masked, None, None, 1))
     ka, kb = torch.randn(256, 8, dtype=torch.bfloat16), torch.randn(256, 16, dtype=torch.bfloat16)
     dk, ck = torch.empty(2, 8, 16), torch.randn(2, 8, 16)
-    torch.library.opcheck(torch.ops.mate.gemm_k_grouped_tn.default, (ka, kb, dk, ck, [128, 128], None, None))
+    torch.library.opcheck(torch.ops.mate.gemm_k_grouped_tn.default,
+                          (ka, kb, dk, ck, [128, 128], torch.tensor([128, 128], dtype=torch.int32), None, None))
     assert sfa.shape == (128, 1)

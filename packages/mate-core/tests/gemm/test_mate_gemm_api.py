@@ -10,7 +10,7 @@ import torch
 import mate
 import mate.gemm
 from mate import dispatch, platform
-from mate.ops.gemm import api, layouts
+from mate.ops.gemm import layouts
 from mate.ops.gemm.reference import calc_diff
 
 from .helpers import MAX_DIFF, contiguous_layout, fp8_a, fp8_b, naive_dequantize
@@ -357,7 +357,6 @@ def test_bad_inputs_moe():
 def fake_gpu(monkeypatch):
     info = platform.DeviceInfo("cuda", "Fake H100", "sm_90a", 132, 227 * 1024)
     monkeypatch.setattr(platform, "device_info", lambda device=None: info)
-    monkeypatch.setattr(api, "_warned", set())
     monkeypatch.setattr(dispatch, "_warned", set())
     monkeypatch.delenv("MATE_BACKEND", raising=False)
     return info

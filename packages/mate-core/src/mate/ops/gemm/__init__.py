@@ -1,7 +1,7 @@
 """GEMM: DeepGEMM-compatible FP8 block-scaled and BF16 GEMMs (normal, M-grouped, K-grouped).
 
-The reference path runs now; the TileLang kernels come later (their planned support is declared,
-unregistered, in :mod:`mate.ops.gemm.support`).
+TileLang kernels serve every function on a GPU within the support matrices of
+:mod:`mate.ops.gemm.support`; the PyTorch reference (:mod:`mate.ops.gemm.reference`) runs on the CPU.
 """
 
 from mate.ops.gemm.api import (  # noqa: F401

@@ -6,62 +6,40 @@ FP8 operands are (tensor, scale_factors) pairs: A fp8 e4m3 (M, K) with float32 s
 (N / 128, K / 128) (128 x 128 blocks) or (N, K / 128) under recipe (1, 1, 128). The nn/tn/tt
 variants take transposed operands (B as (K, N), A as (K, M), scales transposed alike).
 
-Backends: the PyTorch reference (:mod:`mate.ops.gemm.reference`) on the CPU; on a GPU the TileLang
-FP8 kernel (:mod:`mate.ops.gemm.fp8_kernel`) for the FP8 NT GEMMs, dense and M-grouped (contiguous
-and masked), and the TileLang BF16 kernel (:mod:`mate.ops.gemm.bf16_kernel`) for the dense BF16 /
-FP16 GEMMs (any of nt/nn/tn/tt, no C), within the support matrices of :mod:`mate.ops.gemm.support`.
-Other variants (grouped BF16, K-grouped, MN-major FP8 operands, per-channel B scales, FP8 float32
-out / C) raise
-:class:`mate.UnsupportedError` on a GPU, or run the reference (with one warning) under
-MATE_ALLOW_REFERENCE_FALLBACK=1 or MATE_BACKEND=reference.
+Backends: the PyTorch reference (:mod:`mate.ops.gemm.reference`) on the CPU; on a GPU, within the
+support matrices of :mod:`mate.ops.gemm.support`, three TileLang kernels:
+
+* :mod:`mate.ops.gemm.fp8_kernel`: the FP8 NT GEMMs, dense and M-grouped (contiguous, masked);
+* :mod:`mate.ops.gemm.bf16_kernel`: the BF16 / FP16 GEMMs, dense (any of nt/nn/tn/tt, with or
+  without C), M-grouped (contiguous with K- or MN-major B, masked) and K-grouped
+  (k_grouped_bf16_gemm_tn_contiguous);
+* :mod:`mate.ops.gemm.kgrouped_kernel`: the K-grouped FP8 GEMMs (k_grouped_fp8_gemm_nt_contiguous,
+  DeepGEMM's SM90 form, and k_grouped_fp8_gemm_tn_contiguous, an SM100 form upstream, whose
+  MN-major operands are transposed by one copy).
+
+Other variants (the PSUM layouts, MN-major FP8 operands of the normal and M-grouped GEMMs,
+per-channel B scales, FP8 float32 out / C) raise :class:`mate.UnsupportedError` on a GPU, or run
+the reference (with one warning) under MATE_ALLOW_REFERENCE_FALLBACK=1 or MATE_BACKEND=reference.
+With C, D = A B^T + C is computed by copying C into D (unless C is D) and accumulating into D.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
 
-from mate import checks, dispatch, env, platform
+from mate import checks, dispatch, platform
 from mate.api import call_op, mate_api
-from mate.ops.gemm import bf16_launch, fp8_launch, layouts, reference
+from mate.ops.gemm import bf16_launch, fp8_launch, kgrouped_launch, layouts, reference
 from mate.ops.gemm import support as gemm_support
 
 FP8 = torch.float8_e4m3fn
 SCALE_BLOCK_K = 128
 OUT_DTYPES = (torch.bfloat16, torch.float32)
-_warned: set[str] = set()
 
 
-# ---- backend choice ------------------------------------------------------------------------
-
-def _select(op: dispatch.Op, variant: dict, device: torch.device) -> str:
-    """"tilelang" or "reference" for this call, or UnsupportedError. Ops with a kernel
-    (gemm_support.KERNEL_OPS) follow dispatch.select and their support matrix; the others have no
-    kernel yet."""
-    if op in gemm_support.KERNEL_OPS:
-        return dispatch.select(op, variant, device)
-    choice = env.get("MATE_BACKEND")
-    info = platform.device_info(device)
-    if choice == "reference":
-        return "reference"
-    if not info.is_gpu:
-        if choice == "tilelang":
-            raise dispatch.UnsupportedError(
-                f"{op.name}: the tilelang backend needs a GPU, but the inputs are on {device}")
-        return "reference"
-    if choice == "auto" and env.get("MATE_ALLOW_REFERENCE_FALLBACK"):
-        if op.name not in _warned:
-            _warned.add(op.name)
-            warnings.warn(f"{op.name}: no TileLang GEMM kernel yet; running the PyTorch reference", stacklevel=5)
-        return "reference"
-    wanted = "; ".join(f"{k}={dispatch.show_values(v)}" for k, v in op.support.features.items())
-    raise dispatch.UnsupportedError(
-        f"{op.name} on {info.name}: no TileLang GEMM kernel yet (the planned kernel accepts {wanted}; "
-        f"this call is {', '.join(f'{k}={v}' for k, v in variant.items())}). "
-        "Set MATE_ALLOW_REFERENCE_FALLBACK=1 to run the PyTorch reference instead.")
-
+# ---- dispatch variants -------------------------------------------------------------------
 
 def fp8_dense_variant(major_a: str, major_b: str, out_dtype: torch.dtype, recipe, accumulate: bool, n: int,
                       ab_dtype: torch.dtype = FP8) -> dict:
@@ -119,6 +97,15 @@ def _check_c(c: torch.Tensor | None, d: torch.Tensor) -> None:
     checks.shape("c", c, tuple(d.shape), "the shape of d")
     if c.numel() and c.stride(-1) != 1 and c.shape[-1] > 1:
         raise checks.ArgumentError(f"c: must be row-major (N contiguous), got strides {c.stride()}")
+    if c.data_ptr() == d.data_ptr() and c.stride() != d.stride():
+        raise checks.ArgumentError(f"c: shares d's memory with other strides ({c.stride()} vs {d.stride()}); "
+                                   "pass d itself or a separate tensor")
+
+
+def _load_c(c: torch.Tensor, d: torch.Tensor) -> None:
+    """D holds C before an accumulating kernel runs (DeepGEMM copies it likewise unless C is D)."""
+    if c.data_ptr() != d.data_ptr():
+        d.copy_(c)
 
 
 def _check_k(name: str, k: int) -> None:
@@ -200,7 +187,7 @@ def _fp8_gemm(a, b, d, c, recipe, recipe_a, recipe_b, names: tuple[str, str]) ->
     if _early_return(m, n, k, d, c):
         return
     variant = fp8_dense_variant(major_a, major_b, d.dtype, recipe, c is not None, n)
-    _select(gemm_support.FP8_GEMM, variant, device)
+    dispatch.select(gemm_support.FP8_GEMM, variant, device)
     call_op(torch.ops.mate.gemm_nt, _gemm_nt, a_data, b_data, d, sfa, sfb, c, gran_a[0], gran_b[0])
 
 
@@ -250,8 +237,8 @@ def _bf16_gemm(a, b, d, c, names: tuple[str, str]) -> None:
     _check_c(c, d)
     if _early_return(m, n, k, d, c):
         return
-    _select(gemm_support.BF16_GEMM, bf16_launch.variant(a.dtype, major_a, major_b, d.dtype, c is not None, n, k),
-            device)
+    dispatch.select(gemm_support.BF16_GEMM,
+                    bf16_launch.variant(a.dtype, major_a, major_b, d.dtype, c is not None, n, k), device)
     call_op(torch.ops.mate.gemm_nt, _gemm_nt, a, b, d, None, None, c, 1, 1)
 
 
@@ -313,8 +300,9 @@ def _plain_gemm(a, b, d, c, names):
     _check_c(c, d)
     if _early_return(a.shape[0], b.shape[0], a.shape[1], d, c):
         return
-    _select(gemm_support.BF16_GEMM, bf16_launch.variant(a.dtype, _major(names[0], a), _major(names[1], b), d.dtype,
-                                                        c is not None, b.shape[0], a.shape[1]), a.device)
+    dispatch.select(gemm_support.BF16_GEMM, bf16_launch.variant(a.dtype, _major(names[0], a), _major(names[1], b),
+                                                                d.dtype, c is not None, b.shape[0], a.shape[1]),
+                    a.device)
     call_op(torch.ops.mate.gemm_nt, _gemm_nt, a, b, d, None, None, c, 1, 1)
 
 
@@ -389,11 +377,11 @@ def _m_grouped_contiguous(a, b, d, grouped_layout, use_psum_layout, expected_m_f
                                        "(get_mk_alignment_for_contiguous_layout()) in the contiguous layout")
     if m == 0:
         return
-    variant = {"layout": "contiguous", "major_a": major_a, "major_b": major_b, "out_dtype": d.dtype,
-               "psum": bool(use_psum_layout)}
     if fp8:
         variant = fp8_grouped_variant("contiguous", major_a, major_b, d.dtype, recipe_used, use_psum_layout, n)
-    _select(gemm_support.M_GROUPED_FP8_GEMM if fp8 else gemm_support.M_GROUPED_BF16_GEMM, variant, device)
+    else:
+        variant = bf16_launch.m_grouped_variant("contiguous", major_b, d.dtype, use_psum_layout, n, k, a_data.dtype)
+    dispatch.select(gemm_support.M_GROUPED_FP8_GEMM if fp8 else gemm_support.M_GROUPED_BF16_GEMM, variant, device)
     call_op(torch.ops.mate.gemm_m_grouped_contiguous, _gemm_m_grouped_contiguous, a_data, b_data, d, grouped_layout,
             sfa, sfb, bool(use_psum_layout), alignment, gran_b[0] if fp8 else 1)
 
@@ -476,10 +464,11 @@ def _m_grouped_masked(a, b, d, masked_m, expected_m, fp8: bool, recipe=None, rec
         _check_sf_shape("a[1]", sfa, max_m, k, gran_a, num_groups)
         _check_sf_shape("b[1]", sfb, n, k, gran_b, num_groups)
     _check_d(d, (num_groups, max_m, n), "num_groups, max_m, N", (torch.bfloat16,), device)
-    variant = {"layout": "masked", "major_a": "K", "major_b": "K", "out_dtype": d.dtype, "psum": False}
     if fp8:
         variant = fp8_grouped_variant("masked", "K", "K", d.dtype, recipe_used, False, n)
-    _select(gemm_support.M_GROUPED_FP8_GEMM if fp8 else gemm_support.M_GROUPED_BF16_GEMM, variant, device)
+    else:
+        variant = bf16_launch.m_grouped_variant("masked", "K", d.dtype, False, n, k, a_data.dtype)
+    dispatch.select(gemm_support.M_GROUPED_FP8_GEMM if fp8 else gemm_support.M_GROUPED_BF16_GEMM, variant, device)
     call_op(torch.ops.mate.gemm_m_grouped_masked, _gemm_m_grouped_masked, a_data, b_data, d, masked_m, sfa, sfb,
             gran_b[0] if fp8 else 1)
 
@@ -578,22 +567,26 @@ def _k_grouped(a, b, d, ks_cpu, grouped_layout, c, recipe, use_psum_layout, fp8:
     if _early_return(m, n, sum_k, d, c):
         return
     major = "K" if flat_k_major else "MN"
-    variant = {"major_a": major, "major_b": major, "out_dtype": d.dtype, "psum": False}
     if fp8:
-        variant["recipe"] = recipe
-    _select(gemm_support.K_GROUPED_FP8_GEMM if fp8 else gemm_support.K_GROUPED_BF16_GEMM, variant, device)
-    if flat_k_major:  # regroup each (MN, K_g) block as the (K_g, MN) slice of an MN-major operand
-        a_data, b_data = _flat_to_mn_major(a_data, m, ks), _flat_to_mn_major(b_data, n, ks)
+        variant = kgrouped_launch.variant(major, major, d.dtype, recipe, n, a_data.dtype)
+    else:
+        variant = bf16_launch.k_grouped_variant(major, major, d.dtype, False, m, n, a_data.dtype)
+    dispatch.select(gemm_support.K_GROUPED_FP8_GEMM if fp8 else gemm_support.K_GROUPED_BF16_GEMM, variant, device)
+    if flat_k_major:
+        a_data, b_data = _flat_to_k_major(a_data, m, ks), _flat_to_k_major(b_data, n, ks)
         sfa, sfb = sfa.transpose(0, 1), sfb.transpose(0, 1)
-    call_op(torch.ops.mate.gemm_k_grouped_tn, _gemm_k_grouped_tn, a_data, b_data, d, c, ks, sfa, sfb)
+    call_op(torch.ops.mate.gemm_k_grouped_tn, _gemm_k_grouped_tn, a_data, b_data, d, c, ks, grouped_layout, sfa, sfb)
 
 
-def _flat_to_mn_major(flat: torch.Tensor, mn: int, ks: list[int]) -> torch.Tensor:
+def _flat_to_k_major(flat: torch.Tensor, mn: int, ks: list[int]) -> torch.Tensor:
+    """The flat layout (each group's (MN, K_g) block row-major, one after another) as the logical
+    (ΣK, MN) operand, stored K-major: the blocks side by side in one (MN, ΣK) tensor (one copy; a
+    TMA descriptor has one row stride, and the flat blocks' row strides differ per group)."""
     pieces, start = [], 0
     for k in ks:
-        pieces.append(flat[start:start + mn * k].view(mn, k).transpose(0, 1))
+        pieces.append(flat[start:start + mn * k].view(mn, k))
         start += mn * k
-    return torch.cat(pieces, dim=0)
+    return torch.cat(pieces, dim=1).transpose(0, 1)
 
 
 @mate_api(name="gemm.k_grouped_fp8_gemm_tn_contiguous")
@@ -636,29 +629,41 @@ def _gemm_nt(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, sfa: torch.Tenso
         variant = bf16_launch.variant(a.dtype, _major("a", a), _major("b", b), d.dtype, c is not None, b.shape[0],
                                       a.shape[1])
         if _runs_kernel(gemm_support.BF16_GEMM, variant, a.device):
-            bf16_launch.gemm(gemm_support.BF16_GEMM.name, gemm_support.BF16_GEMM.build, a, b, d)
+            if c is not None:
+                _load_c(c, d)
+            bf16_launch.gemm(gemm_support.BF16_GEMM.name, gemm_support.BF16_GEMM.build, a, b, d, c is not None)
             return
     d.copy_(reference.gemm_nt(a, b, c, sfa=sfa, sfb=sfb, gran_a=(gran_a_mn, SCALE_BLOCK_K),
                               gran_b=(gran_b_mn, SCALE_BLOCK_K), out_dtype=d.dtype))
 
 
 def _grouped_kernel(layout: str, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, sfa, sfb, gran_b_mn: int,
-                    psum: bool = False) -> bool:
-    if a.dtype not in (FP8, torch.float8_e5m2) or sfa is None or sfb is None:
-        return False
-    variant = fp8_grouped_variant(layout, _major("a", a), _major("b", b), d.dtype, (1, gran_b_mn, SCALE_BLOCK_K),
-                                  psum, b.shape[1], a.dtype if a.dtype == b.dtype else torch.float8_e5m2)
-    return _runs_kernel(gemm_support.M_GROUPED_FP8_GEMM, variant, a.device)
+                    psum: bool = False) -> dispatch.Op | None:
+    """The M-grouped op whose kernel runs this call (FP8 or BF16), or None (the reference runs)."""
+    if a.dtype in (torch.bfloat16, torch.float16) and sfa is None:
+        variant = bf16_launch.m_grouped_variant(layout, bf16_launch.major_of(b), d.dtype, psum, b.shape[1],
+                                                a.shape[-1], a.dtype)
+        op = gemm_support.M_GROUPED_BF16_GEMM
+    elif a.dtype in (FP8, torch.float8_e5m2) and sfa is not None and sfb is not None:
+        variant = fp8_grouped_variant(layout, _major("a", a), _major("b", b), d.dtype, (1, gran_b_mn, SCALE_BLOCK_K),
+                                      psum, b.shape[1], a.dtype if a.dtype == b.dtype else torch.float8_e5m2)
+        op = gemm_support.M_GROUPED_FP8_GEMM
+    else:
+        return None
+    return op if _runs_kernel(op, variant, a.device) else None
 
 
 def _gemm_m_grouped_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, grouped_layout: torch.Tensor,
                                sfa: torch.Tensor | None, sfb: torch.Tensor | None, use_psum_layout: bool,
                                alignment: int, gran_b_mn: int) -> None:
-    if alignment == 128 and _grouped_kernel("contiguous", a, b, d, sfa, sfb, gran_b_mn, use_psum_layout):
-        # The kernel reads each 128-row block's expert from its first row (upstream's contract:
-        # groups padded to the alignment; not checked here, which would need a host sync).
-        op = gemm_support.M_GROUPED_FP8_GEMM
+    op = _grouped_kernel("contiguous", a, b, d, sfa, sfb, gran_b_mn, use_psum_layout) if alignment == 128 else None
+    # The kernels read each 128-row block's expert from its first row (upstream's contract: groups
+    # padded to the alignment; not checked here, which would need a host sync).
+    if op is gemm_support.M_GROUPED_FP8_GEMM:
         fp8_launch.m_grouped_contiguous(op.name, op.build, a, sfa, b, sfb, d, grouped_layout)
+        return
+    if op is gemm_support.M_GROUPED_BF16_GEMM:
+        bf16_launch.m_grouped_contiguous(op.name, op.build, a, b, d, grouped_layout)
         return
     if not use_psum_layout:
         _check_contiguous_values(grouped_layout, b.shape[0], alignment)
@@ -669,10 +674,13 @@ def _gemm_m_grouped_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor
 
 def _gemm_m_grouped_masked(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, masked_m: torch.Tensor,
                            sfa: torch.Tensor | None, sfb: torch.Tensor | None, gran_b_mn: int) -> None:
-    if _grouped_kernel("masked", a, b, d, sfa, sfb, gran_b_mn):
-        # No host sync (CUDA-graph capturable): the kernel clamps masked_m to [0, max_m].
-        op = gemm_support.M_GROUPED_FP8_GEMM
+    # No host sync (CUDA-graph capturable): the kernels clamp masked_m to [0, max_m].
+    op = _grouped_kernel("masked", a, b, d, sfa, sfb, gran_b_mn)
+    if op is gemm_support.M_GROUPED_FP8_GEMM:
         fp8_launch.m_grouped_masked(op.name, op.build, a, sfa, b, sfb, d, masked_m)
+        return
+    if op is gemm_support.M_GROUPED_BF16_GEMM:
+        bf16_launch.m_grouped_masked(op.name, op.build, a, b, d, masked_m)
         return
     max_m = a.shape[1]
     counts = masked_m.cpu()
@@ -685,7 +693,26 @@ def _gemm_m_grouped_masked(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, ma
 
 
 def _gemm_k_grouped_tn(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, c: torch.Tensor, ks: list[int],
-                       sfa: torch.Tensor | None, sfb: torch.Tensor | None) -> None:
+                       grouped_layout: torch.Tensor, sfa: torch.Tensor | None, sfb: torch.Tensor | None) -> None:
+    """d[g] = c[g] + A_g^T B_g: a (ΣK, M), b (ΣK, N) logical (any strides); the kernels read each
+    group's K from grouped_layout on the device (no host sync; it must hold ks, as upstream's)."""
+    m, n = a.shape[1], b.shape[1]
+    if sfa is None and a.dtype == torch.bfloat16:
+        major_a, major_b = ("MN" if t.is_contiguous() else "K" for t in (a, b))
+        op, variant = gemm_support.K_GROUPED_BF16_GEMM, bf16_launch.k_grouped_variant(major_a, major_b, d.dtype,
+                                                                                       False, m, n, a.dtype)
+        if _runs_kernel(op, variant, a.device):
+            _load_c(c, d)
+            bf16_launch.k_grouped(op.name, op.build, a, b, d, grouped_layout)
+            return
+    elif sfa is not None and sfb is not None:
+        op = gemm_support.K_GROUPED_FP8_GEMM
+        variant = kgrouped_launch.variant(kgrouped_launch.major_of(a), kgrouped_launch.major_of(b), d.dtype,
+                                          (1, 1, SCALE_BLOCK_K), n, a.dtype if a.dtype == b.dtype else None)
+        if _runs_kernel(op, variant, a.device):
+            _load_c(c, d)
+            kgrouped_launch.k_grouped(op.name, op.build, a, b, sfa, sfb, d, grouped_layout)
+            return
     d.copy_(reference.k_grouped_gemm_tn_contiguous(a, b, ks, c, sfa=sfa, sfb=sfb, gran_k=SCALE_BLOCK_K,
                                                    out_dtype=d.dtype))
 

@@ -2,50 +2,84 @@
 producer warpgroup (TileLang's warp specialization of `T.Pipelined`), wgmma into fp32
 accumulators held by two consumer warpgroups, and a TMA store of the tile through shared memory.
 
-    D[g, m, n] = sum_k A[g, m, k] * B[g, n, k]
+    D[g, m, n] (+)= sum_k A[g, m, k] * B[group, n, k]
 
-Operands are 3-D (group or batch, rows, cols) so that one prim_func serves DeepGEMM's dense
-bf16_gemm_{nt,nn,tn,tt} (one group) and mate.gemm.bmm_fp16 (the batch as the grid's z axis):
+Operands are 3-D (group, rows, cols) so that one prim_func serves every layout (the static
+`layout` argument), as the FP8 kernel's (:mod:`mate.ops.gemm.fp8_kernel`) do:
 
-    a   (G, M, K) when major_a == "K", (G, K, M) when "MN"   (DeepGEMM's tn / tt read A^T)
-    b   (G, N, K) when major_b == "K", (G, K, N) when "MN"   (nn / tn, and torch.bmm's B)
-    d   (G, M, N) bfloat16, float16 or float32, row-major
+* ``dense``       A (G, M, K), B (G, N, K), D (G, M, N): DeepGEMM's bf16_gemm_{nt,nn,tn,tt} (one
+                  group) and mate.gemm.bmm_fp16 (the batch as the grid's z axis).
+* ``contiguous``  A (1, M, K) with the rows of all experts stacked, B (GB, N, K); `aux` (M,) int32
+                  holds each row's expert (-1: padding). Every 128-row block belongs to one expert
+                  (DeepGEMM's alignment), whose B the block multiplies; rows of index -1 are zeros.
+* ``masked``      A (G, M_max, K), B (G, N, K), D (G, M_max, N); `aux` (G,) int32 holds masked_m.
+                  The grid is sized from the static shapes (CUDA-graph capturable); blocks past
+                  masked_m[g] exit at once, and only rows < masked_m[g] are stored.
+* ``k_grouped``   A (1, ΣK, M) and B (1, ΣK, N), MN-major, the groups' K ranges stacked; D (G, M, N)
+                  float32; `aux` (G,) int32 holds each group's K (multiples of 128). Group g reads
+                  rows [sum(aux[:g]), sum(aux[:g]) + aux[g]) of A and B: ΣK and every group's K are
+                  runtime values (no compile per K), the prefix sum is taken in the kernel.
+
+Storage of the operands (the `major_*` arguments):
+
+    a   (GA, M, K) when major_a == "K", (GA, K, M) when "MN"   (DeepGEMM's tn / tt read A^T)
+    b   (GB, N, K) when major_b == "K", (GB, K, N) when "MN"   (nn / tn, and torch.bmm's B)
+    d   (GD, M, N) bfloat16, float16 or float32, row-major
 
 wgmma reads 16-bit operands from shared memory in either major order (its transpose bits), so
-every layout is the same kernel with the tiles loaded as stored. N and K are compile-time
-constants (the weight's shape, as DeepGEMM's compiled_dims); M and G are dynamic. Edges of M, N
-and K are handled by TMA (out-of-bounds loads read zeros, stores are clipped).
+every layout is the same kernel with the tiles loaded as stored. With `accumulate`, D holds C on
+entry and the kernel adds it to the product in the epilogue (DeepGEMM copies C into D first when
+they differ; C may be D). N and K are compile-time constants (the weight's shape, as DeepGEMM's
+compiled_dims; K is dynamic in the k_grouped layout); M and the group counts are dynamic. Edges
+of M, N and K are handled by TMA (out-of-bounds loads read zeros, stores are clipped).
 """
 
 import tilelang.language as T
+
+from mate.ops.gemm.fp8_kernel import _rows
 
 # (No `from __future__ import annotations`: the prim_func annotations must be evaluated eagerly.)
 
 DTYPES = ("bfloat16", "float16")
 OUT_DTYPES = ("bfloat16", "float16", "float32")
 MAJORS = ("K", "MN")
+LAYOUTS = ("dense", "contiguous", "masked", "k_grouped")
+K_GROUP_ALIGNMENT = 128  # every group's K in the k_grouped layout (a multiple of block_k)
 TILES = {"m128n256": {"block_m": 128, "block_n": 256, "block_k": 64, "num_stages": 3, "threads": 256},
          "m128n192": {"block_m": 128, "block_n": 192, "block_k": 64, "num_stages": 4, "threads": 256},
          "m128n128": {"block_m": 128, "block_n": 128, "block_k": 64, "num_stages": 4, "threads": 256},
          "m64n128": {"block_m": 64, "block_n": 128, "block_k": 64, "num_stages": 6, "threads": 128}}
 
 
-def bf16_gemm_kernel(n: int, k: int, major_a: str = "K", major_b: str = "K", dtype: str = "bfloat16",
-                     out_dtype: str = "bfloat16", *, block_m: int = 128, block_n: int = 256, block_k: int = 64,
-                     num_stages: int = 3, threads: int = 256, panel: int = 8):
-    """Build the prim_func (not compiled) for a weight of shape (n, k)."""
+def _check_config(n, k, major_a, major_b, dtype, out_dtype, layout, accumulate, block_m, threads):
     if dtype not in DTYPES or out_dtype not in OUT_DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES} and out_dtype one of {OUT_DTYPES}, got {dtype}, {out_dtype}")
     if major_a not in MAJORS or major_b not in MAJORS:
         raise ValueError(f"major_a and major_b must be one of {MAJORS}, got {major_a!r}, {major_b!r}")
-    if n <= 0 or k <= 0 or n % 8 or k % 8:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if n <= 0 or n % 8 or (layout != "k_grouped" and (k <= 0 or k % 8)):
         raise ValueError(f"n and k must be positive multiples of 8 (16-byte rows for TMA), got n {n}, k {k}")
     if block_m not in (64, 128) or threads != 2 * block_m:
         raise ValueError(f"block_m must be 64 or 128 with 128 threads per 64 rows, got {block_m}, {threads}")
+    if layout in ("contiguous", "masked") and (major_a != "K" or accumulate):
+        raise ValueError(f"the {layout} layout takes a K-major A and no accumulator")
+    if layout == "k_grouped" and (major_a, major_b, out_dtype, accumulate) != ("MN", "MN", "float32", True):
+        raise ValueError("the k_grouped layout takes MN-major A and B and accumulates into a float32 D")
 
-    M, G = T.dynamic("M, G")
-    a_shape = (G, M, k) if major_a == "K" else (G, k, M)
-    b_shape = (G, n, k) if major_b == "K" else (G, k, n)
+
+def bf16_gemm_kernel(n: int, k: int, major_a: str = "K", major_b: str = "K", dtype: str = "bfloat16",
+                     out_dtype: str = "bfloat16", layout: str = "dense", accumulate: bool = False, *,
+                     block_m: int = 128, block_n: int = 256, block_k: int = 64, num_stages: int = 3,
+                     threads: int = 256, panel: int = 8):
+    """Build the prim_func (not compiled) for a weight of shape (n, k) (k_grouped: `k` is unused,
+    ΣK and every group's K are runtime values)."""
+    _check_config(n, k, major_a, major_b, dtype, out_dtype, layout, accumulate, block_m, threads)
+    k_grouped = layout == "k_grouped"
+    M, GA, GB, GD, L = T.dynamic("M, GA, GB, GD, L")
+    k_dim = T.dynamic("SK") if k_grouped else k
+    a_shape = (GA, M, k_dim) if major_a == "K" else (GA, k_dim, M)
+    b_shape = (GB, n, k_dim) if major_b == "K" else (GB, k_dim, n)
     a_tile = (block_m, block_k) if major_a == "K" else (block_k, block_m)
     b_tile = (block_n, block_k) if major_b == "K" else (block_k, block_n)
 
@@ -53,40 +87,67 @@ def bf16_gemm_kernel(n: int, k: int, major_a: str = "K", major_b: str = "K", dty
     def bf16_gemm(
         a: T.Tensor(a_shape, dtype),
         b: T.Tensor(b_shape, dtype),
-        d: T.Tensor((G, M, n), out_dtype),
+        d: T.Tensor((GD, M, n), out_dtype),
+        aux: T.Tensor((L,), "int32"),
     ):
-        with T.Kernel(T.ceildiv(n, block_n), T.ceildiv(M, block_m), G, threads=threads) as (bx, by, bz):
+        with T.Kernel(T.ceildiv(n, block_n), T.ceildiv(M, block_m), GD, threads=threads) as (bx, by, bz):
             a_s = T.alloc_shared(a_tile, dtype)
             b_s = T.alloc_shared(b_tile, dtype)
             d_s = T.alloc_shared((block_m, block_n), out_dtype)
             acc = T.alloc_fragment((block_m, block_n), "float32")
+            k0 = T.alloc_local((1,), "int32")  # first K row of the group (k_grouped)
 
             T.use_swizzle(panel_size=panel)
             m0 = by * block_m
             n0 = bx * block_n
-            T.clear(acc)
-            for kb in T.Pipelined(T.ceildiv(k, block_k), num_stages=num_stages):
-                if major_a == "K":
-                    T.copy(a[bz, m0:m0 + block_m, kb * block_k:(kb + 1) * block_k], a_s)
+            ga = 0 if k_grouped or layout == "contiguous" else bz  # A's group
+            gb = T.max(aux[m0], 0) if layout == "contiguous" else (0 if k_grouped else bz)  # B's group
+            rows = _rows(layout, aux, M, m0, bz)
+            k0[0] = 0
+            if k_grouped:
+                for g in T.serial(bz):
+                    k0[0] += aux[g]
+            k_blocks = T.ceildiv(aux[bz], block_k) if k_grouped else T.ceildiv(k, block_k)
+
+            if rows > 0:
+                T.clear(acc)
+                for kb in T.Pipelined(k_blocks, num_stages=num_stages):
+                    ks = k0[0] + kb * block_k if k_grouped else kb * block_k
+                    if major_a == "K":
+                        T.copy(a[ga, m0:m0 + block_m, ks:ks + block_k], a_s)
+                    else:
+                        T.copy(a[ga, ks:ks + block_k, m0:m0 + block_m], a_s)
+                    if major_b == "K":
+                        T.copy(b[gb, n0:n0 + block_n, ks:ks + block_k], b_s)
+                    else:
+                        T.copy(b[gb, ks:ks + block_k, n0:n0 + block_n], b_s)
+                    T.gemm(a_s, b_s, acc, transpose_A=major_a == "MN", transpose_B=major_b == "K",
+                           policy=T.GemmWarpPolicy.FullRow)
+
+                if accumulate:  # D holds C: add it (tile edges read as zeros, never stored)
+                    for i, j in T.Parallel(block_m, block_n):
+                        inside = (m0 + i < M) and (n0 + j < n)
+                        acc[i, j] += T.if_then_else(inside, d[bz, m0 + i, n0 + j], T.cast(0, out_dtype))
+                if layout == "contiguous":
+                    for i, j in T.Parallel(block_m, block_n):
+                        acc[i, j] = T.if_then_else(aux[T.min(m0 + i, M - 1)] >= 0, acc[i, j], T.float32(0))
+                T.copy(acc, d_s)
+                if layout == "masked":
+                    for i, j in T.Parallel(block_m, block_n):
+                        if i < rows and n0 + j < n:
+                            d[bz, m0 + i, n0 + j] = d_s[i, j]
                 else:
-                    T.copy(a[bz, kb * block_k:(kb + 1) * block_k, m0:m0 + block_m], a_s)
-                if major_b == "K":
-                    T.copy(b[bz, n0:n0 + block_n, kb * block_k:(kb + 1) * block_k], b_s)
-                else:
-                    T.copy(b[bz, kb * block_k:(kb + 1) * block_k, n0:n0 + block_n], b_s)
-                T.gemm(a_s, b_s, acc, transpose_A=major_a == "MN", transpose_B=major_b == "K",
-                       policy=T.GemmWarpPolicy.FullRow)
-            T.copy(acc, d_s)
-            T.copy(d_s, d[bz, m0:m0 + block_m, n0:n0 + block_n])
+                    T.copy(d_s, d[bz, m0:m0 + block_m, n0:n0 + block_n])
 
     return bf16_gemm
 
 
 def build(n: int, k: int, major_a: str = "K", major_b: str = "K", dtype: str = "bfloat16",
-          out_dtype: str = "bfloat16", tile: str = "m128n256", **tuning):
+          out_dtype: str = "bfloat16", tile: str = "m128n256", layout: str = "dense", accumulate: bool = False,
+          **tuning):
     """The prim_func for a variant (as mate.ops.gemm.support calls it)."""
     config = dict(TILES[tile])
     if out_dtype == "float32" and config["block_n"] > 128:
         config.update(block_n=128, num_stages=4)  # a 128 x 256 fp32 staging tile would not fit beside the ring
     config.update(tuning)
-    return bf16_gemm_kernel(n, k, major_a, major_b, dtype, out_dtype, **config)
+    return bf16_gemm_kernel(n, k, major_a, major_b, dtype, out_dtype, layout, accumulate, **config)

@@ -5,6 +5,9 @@ The kernel reads A as (G, M, K) or (G, K, M) and B as (G, N, K) or (G, K, N), wh
 the caller's tensor is stored, so DeepGEMM's nt / nn / tn / tt layouts and torch.bmm's (batch,
 k, n) B need no copy. A copy is made only when an operand is neither (a strided view) or when
 A is stored M-major with M not a multiple of 8 (TMA wants 16-byte aligned strides).
+
+Accumulation (DeepGEMM's C): the kernel adds what D holds on entry, so the callers copy C into D
+first unless C is D (as DeepGEMM does).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ FILL = 0.75
 # the waves are full (benchmarks/PERFORMANCE.md "gemm"): 128 x 192 0.89-1.0x, 128 x 128 0.85-0.86x
 # (more L2 bytes per FLOP).
 TILE_SPEED = {"m128n256": 1.0, "m128n192": 0.9, "m128n128": 0.85}
+_dummy_aux: dict[torch.device, torch.Tensor] = {}
 
 
 def tile_for(m: int, n: int, groups: int, sms: int) -> str:
@@ -39,9 +43,23 @@ def tile_for(m: int, n: int, groups: int, sms: int) -> str:
 
 def variant(ab_dtype: torch.dtype, major_a: str, major_b: str, out_dtype: torch.dtype, accumulate: bool,
             n: int, k: int) -> dict:
-    """The dispatch variant (gemm_support.BF16_GEMM's features)."""
+    """The dispatch variant of a dense GEMM (gemm_support.BF16_GEMM's features)."""
     return {"ab_dtype": ab_dtype, "major_a": major_a, "major_b": major_b, "out_dtype": out_dtype,
             "accumulate": bool(accumulate), "n_multiple_of_8": n % 8 == 0, "k_multiple_of_8": k % 8 == 0}
+
+
+def m_grouped_variant(layout: str, major_b: str, out_dtype: torch.dtype, psum: bool, n: int, k: int,
+                      ab_dtype: torch.dtype = torch.bfloat16) -> dict:
+    """The dispatch variant of an M-grouped GEMM (gemm_support.M_GROUPED_BF16_GEMM's features)."""
+    return {"layout": layout, "ab_dtype": ab_dtype, "major_a": "K", "major_b": major_b, "out_dtype": out_dtype,
+            "psum": bool(psum), "n_multiple_of_8": n % 8 == 0, "k_multiple_of_8": k % 8 == 0}
+
+
+def k_grouped_variant(major_a: str, major_b: str, out_dtype: torch.dtype, psum: bool, m: int, n: int,
+                      ab_dtype: torch.dtype = torch.bfloat16) -> dict:
+    """The dispatch variant of a K-grouped GEMM (gemm_support.K_GROUPED_BF16_GEMM's features)."""
+    return {"ab_dtype": ab_dtype, "major_a": major_a, "major_b": major_b, "out_dtype": out_dtype,
+            "psum": bool(psum), "mn_multiple_of_8": m % 8 == 0 and n % 8 == 0}
 
 
 def major_of(t: torch.Tensor) -> str:
@@ -67,25 +85,87 @@ def _operand(t: torch.Tensor, rows_aligned: bool) -> tuple[torch.Tensor, str]:
     return t.contiguous() if t.data_ptr() % 16 == 0 or not t.is_contiguous() else t.clone(), "K"
 
 
-def gemm(op_name: str, build, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> None:
-    """d (G, M, N) = A (G, M, K) . B (G, N, K)^T per group; 2-D operands are one group. A and B
-    are logical views (any major); d row-major."""
-    squeeze = a.dim() == 2
-    if squeeze:
-        a, b, d = a.unsqueeze(0), b.unsqueeze(0), d.unsqueeze(0)
-    groups, m, k = a.shape
-    n = b.shape[1]
-    for t in (a, b, d):
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    t = t if t.is_contiguous() else t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _fits_int32(*tensors: torch.Tensor) -> None:
+    for t in tensors:
         if t.numel() >= 2**31:
             raise NotImplementedError(f"the BF16 GEMM kernel indexes with 32-bit integers; a tensor of shape "
                                       f"{tuple(t.shape)} has {t.numel()} elements (at most 2**31 - 1 supported)")
-    a_k, major_a = _operand(a, m % 8 == 0)
-    b_k, major_b = _operand(b, True)
-    out = d if _packed(d) else torch.empty(d.shape, dtype=d.dtype, device=d.device)
+
+
+def _aux_placeholder(device: torch.device) -> torch.Tensor:
+    aux = _dummy_aux.get(device)
+    if aux is None:
+        aux = _dummy_aux[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return aux
+
+
+def _launch(op_name: str, build, key: dict, m: int, n: int, groups: int, a, b, d, aux, keep: bool) -> None:
+    """Pick the tile, get the kernel of `key` and run it on d. A strided d is staged through a
+    packed copy; with `keep` (the kernel adds to D or leaves some of its rows) the copy carries
+    D's values in."""
     info = platform.device_info(a.device)
-    key = variant(a.dtype, major_a, major_b, d.dtype, False, n, k)
-    key.update(n=int(n), k=int(k), tile=tile_for(m, n, groups, info.multiprocessors))
+    key = dict(key, n=int(n), tile=tile_for(m, n, groups, info.multiprocessors))
     kernel = jit.get_kernel(op_name, key, info.tilelang_target, build)
-    kernel(a_k, b_k, out)
+    out = d if _packed(d) else (d.contiguous() if keep else torch.empty(d.shape, dtype=d.dtype, device=d.device))
+    kernel(a, b, out, aux)
     if out is not d:
         d.copy_(out)
+
+
+def gemm(op_name: str, build, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, accumulate: bool = False) -> None:
+    """d (G, M, N) (+)= A (G, M, K) . B (G, N, K)^T per group; 2-D operands are one group. A and B
+    are logical views (any major); d row-major, holding C when `accumulate`."""
+    if a.dim() == 2:
+        a, b, d = a.unsqueeze(0), b.unsqueeze(0), d.unsqueeze(0)
+    groups, m, k = a.shape
+    n = b.shape[1]
+    _fits_int32(a, b, d)
+    a_k, major_a = _operand(a, m % 8 == 0)
+    b_k, major_b = _operand(b, True)
+    key = variant(a.dtype, major_a, major_b, d.dtype, accumulate, n, k)
+    key.update(k=int(k), layout="dense")
+    _launch(op_name, build, key, m, n, groups, a_k, b_k, d, _aux_placeholder(a.device), accumulate)
+
+
+def m_grouped_contiguous(op_name: str, build, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor,
+                         m_indices: torch.Tensor) -> None:
+    """d (M, N) = each 128-row block of A (M, K) times B[its expert]^T, b (G, N, K) any major;
+    rows of expert -1 are zero. The kernel reads each block's expert from its first row (groups
+    padded to 128 rows, DeepGEMM's contract; not checked here, which would need a host sync)."""
+    m, k = a.shape
+    n = b.shape[1]
+    _fits_int32(a, b, d)
+    b_k, major_b = _operand(b, True)
+    key = m_grouped_variant("contiguous", major_b, d.dtype, False, n, k, a.dtype)
+    key.update(k=int(k))
+    _launch(op_name, build, key, m, n, 1, _aligned(a).unsqueeze(0), b_k, d.unsqueeze(0), _aligned(m_indices), False)
+
+
+def m_grouped_masked(op_name: str, build, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor,
+                     masked_m: torch.Tensor) -> None:
+    """d[g, :masked_m[g]] = A[g, :masked_m[g]] . B[g]^T; other rows of d are not written. No host
+    sync (CUDA-graph capturable): the kernel clamps masked_m to [0, max_m]."""
+    groups, max_m, k = a.shape
+    n = b.shape[1]
+    _fits_int32(a, b, d)
+    b_k, major_b = _operand(b, True)
+    key = m_grouped_variant("masked", major_b, d.dtype, False, n, k, a.dtype)
+    key.update(k=int(k))
+    _launch(op_name, build, key, max_m, n, groups, _aligned(a), b_k, d, _aligned(masked_m), True)
+
+
+def k_grouped(op_name: str, build, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, ks: torch.Tensor) -> None:
+    """d[g] += A_g^T . B_g for the groups' K ranges stacked along the rows of a (ΣK, M) and
+    b (ΣK, N) (MN-major, contiguous); ks (G,) int32 on the device holds each group's K (multiples
+    of 128; the kernel takes the prefix sums). d (G, M, N) float32 holds C on entry."""
+    m, n = a.shape[1], b.shape[1]
+    _fits_int32(a, b, d)
+    key = k_grouped_variant("MN", "MN", d.dtype, False, m, n, a.dtype)
+    key.update(k=0, layout="k_grouped", accumulate=True)
+    _launch(op_name, build, key, m, n, d.shape[0], _aligned(a).unsqueeze(0), _aligned(b).unsqueeze(0), d,
+            _aligned(ks), True)

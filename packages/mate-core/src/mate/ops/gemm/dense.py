@@ -8,7 +8,8 @@ Backends: the original names kernel libraries ("mudnn", "mubin", "mutlass"); the
 GPU under MATE_ALLOW_REFERENCE_FALLBACK=1), "reference" forces the reference. The TileLang FP8
 kernel serves gemm_fp8_nt_groupwise and bmm_fp8 (as the masked M-grouped kernel, one group per
 batch) with e4m3 operands, recipe (1, 128, 128) and bf16 out; the TileLang BF16 kernel
-(:mod:`mate.ops.gemm.bf16_kernel`, the batch as its grid's z axis) serves bmm_fp16 without c.
+(:mod:`mate.ops.gemm.bf16_kernel`, the batch as its grid's z axis) serves bmm_fp16 (with c, it
+accumulates into a float32 output; a 16-bit out is rounded from a float32 staging tensor).
 
 Scale tensors: a granularity of -1 means "the whole dimension" (one scale along it).
 """
@@ -38,16 +39,7 @@ def resolve_backend(backend, op: dispatch.Op, variant: dict, device: torch.devic
         backend = "auto"
     if backend not in _BACKENDS:
         raise checks.ArgumentError(f"backend: {backend!r} is not accepted; expected one of {sorted(_BACKENDS)}")
-    mapped = _BACKENDS[backend]
-    if mapped == "reference":
-        return "reference"
-    if op in gemm_support.KERNEL_OPS:
-        return dispatch.select(op, variant, device, backend=mapped)
-    if mapped == "tilelang":
-        raise dispatch.UnsupportedError(
-            f"{op.name}: backend={backend!r} asks for a kernel, and there is no TileLang kernel for this GEMM yet "
-            f"(inputs on {device}); use backend='auto' or 'reference'")
-    return _gemm_api._select(op, variant, device)
+    return dispatch.select(op, variant, device, backend=_BACKENDS[backend])
 
 
 def _ab_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
@@ -268,15 +260,25 @@ def bmm_fp16(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, out=None,
     n = b.shape[2]
     checks.dtype_choice("out_dtype", out_dtype, HALF_DTYPES + (torch.float32,))
     out = _batched_out_and_accumulator(out, c, (batch, m, n), out_dtype, device)
+    # With c, the kernel accumulates into a float32 output (a 16-bit out is rounded from it).
     variant = bf16_launch.variant(a.dtype, bf16_launch.major_of(a), bf16_launch.major_of(b.transpose(1, 2)),
-                                  out_dtype, c is not None, n, k)
+                                  torch.float32 if c is not None else out_dtype, c is not None, n, k)
     choice = resolve_backend(backend, gemm_support.BF16_GEMM, variant, device)
     if choice == "tilelang" and batch and m and n:
         op = gemm_support.BF16_GEMM
-        if k == 0:
+        if k == 0 and c is not None:
+            out.copy_(c)
+        elif k == 0:
             out.zero_()
-        else:
+        elif c is None:
             bf16_launch.gemm(op.name, op.build, a, b.transpose(1, 2), out)
+        else:  # the kernel adds what its float32 output holds; a 16-bit out gets the rounded sum
+            acc = out if out_dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32, device=device)
+            if acc.data_ptr() != c.data_ptr():
+                acc.copy_(c)
+            bf16_launch.gemm(op.name, op.build, a, b.transpose(1, 2), acc, accumulate=True)
+            if acc is not out:
+                out.copy_(acc)
         return out
     out.copy_(reference.gemm_nt(a, b.transpose(1, 2), c, out_dtype=torch.float32))
     return out

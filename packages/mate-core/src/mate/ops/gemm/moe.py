@@ -1,5 +1,8 @@
 """MATE's own MoE GEMM API (`mate.gemm.ragged_m_moe_gemm_8bit`, `ragged_k_moe_gemm_8bit`,
-`masked_moe_gemm_8bit`), on the reference path (:mod:`mate.ops.gemm.reference`).
+`masked_moe_gemm_8bit`): on a GPU the TileLang FP8 kernels (ragged_m and masked: the M-grouped
+contiguous and masked kernel, :mod:`mate.ops.gemm.fp8_kernel`; ragged_k: the K-grouped kernel,
+:mod:`mate.ops.gemm.kgrouped_kernel`, which reads "K"-major operands in place and transposes
+"M"/"N"-major ones by one copy), on the CPU the reference (:mod:`mate.ops.gemm.reference`).
 
 Layouts of `ragged_tokens_info` in ragged_m_moe_gemm_8bit:
   * per_token (total_tokens,): each row's expert, -1 for unused rows;
@@ -22,7 +25,7 @@ import torch
 from mate import checks
 from mate.api import call_op, mate_api
 from mate.ops.gemm import api as _gemm_api
-from mate.ops.gemm import reference
+from mate.ops.gemm import kgrouped_launch, reference
 from mate.ops.gemm import support as gemm_support
 from mate.ops.gemm.dense import (
     HALF_DTYPES,
@@ -171,13 +174,17 @@ def ragged_k_moe_gemm_8bit(input_a, input_b, ragged_tokens_info: torch.Tensor, o
     if num_mp is not None and (not isinstance(num_mp, int) or num_mp <= 0):
         raise checks.ArgumentError(f"num_mp: must be a positive int or None, got {num_mp!r}")
     check_out(out, (len(counts), m, n), "num_expert, m, n", (torch.float32,), device)
-    variant = {"major_a": major_a_mode, "major_b": major_b_mode, "out_dtype": out.dtype, "recipe": (gm, gn, gk),
-               "psum": False}
+    if not out.is_contiguous():
+        raise checks.ArgumentError(f"out: must be contiguous, got strides {out.stride()}")
+    variant = kgrouped_launch.variant("MN" if major_a_mode == "M" else "K", "MN" if major_b_mode == "N" else "K",
+                                      out.dtype, (gm, gn, gk), n, _ab_dtype(a_data, b_data))
     resolve_backend("auto", gemm_support.K_GROUPED_FP8_GEMM, variant, device)
     used, used_sf = sum(counts), sum(counts) // gk
-    out.copy_(reference.k_grouped_gemm_tn_contiguous(
-        a_data[:used], b_data[:used], counts, out, sfa=a_sf[:used_sf], sfb=b_sf[:used_sf], gran_k=gk,
-        out_dtype=torch.float32))
+    if not counts or used == 0 or m == 0 or n == 0:
+        return out
+    # DeepGEMM's K-grouped GEMM with C = out (the kernel reads the counts from the device tensor).
+    call_op(torch.ops.mate.gemm_k_grouped_tn, _gemm_api._gemm_k_grouped_tn, a_data[:used], b_data[:used], out, out,
+            counts, ragged_tokens_info.to(torch.int32), a_sf[:used_sf], b_sf[:used_sf])
     return out
 
 

@@ -1,17 +1,24 @@
 """What the TileLang GEMM kernels accept: the data behind dispatch, tests, show-config and docs.
 
-Registered with dispatch (a kernel exists): the FP8 block-scaled GEMM (`gemm.fp8_gemm`: the NT
-layout, recipe (1, 128, 128), bf16 out, no accumulator) and its M-grouped forms (contiguous and
-masked), all one TileLang kernel (:mod:`mate.ops.gemm.fp8_kernel`); the dense BF16/FP16 GEMM
-(`gemm.bf16_gemm`: DeepGEMM's bf16_gemm_{nt,nn,tn,tt} without C, mate.gemm.bmm_fp16 without c;
-:mod:`mate.ops.gemm.bf16_kernel`). Declared but not registered (no kernel yet): the K-grouped GEMMs
-and the M-grouped BF16 GEMMs; on a GPU they raise UnsupportedError ("no TileLang GEMM kernel
-yet"), or run the reference under MATE_ALLOW_REFERENCE_FALLBACK=1. On the CPU every GEMM runs
-the reference.
+Every op is registered with dispatch (each has a TileLang kernel):
 
-The kernels take N and K as compile-time constants (one compile per weight shape and layout,
-every M served by it) and need N % 8 == 0 (16-byte rows of D for TMA) and K % 128 == 0 (the API
-requires that of every FP8 GEMM).
+* `gemm.fp8_gemm` and `gemm.m_grouped_fp8_gemm` (:mod:`mate.ops.gemm.fp8_kernel`): the FP8
+  block-scaled NT GEMM, recipe (1, 128, 128), bf16 out, no accumulator; dense, M-grouped
+  contiguous and masked;
+* `gemm.bf16_gemm`, `gemm.m_grouped_bf16_gemm`, `gemm.k_grouped_bf16_gemm`
+  (:mod:`mate.ops.gemm.bf16_kernel`): DeepGEMM's bf16_gemm_{nt,nn,tn,tt} with or without C and
+  mate.gemm.bmm_fp16; m_grouped_bf16_gemm_{nt,nn}_contiguous and _nt_masked;
+  k_grouped_bf16_gemm_tn_contiguous;
+* `gemm.k_grouped_fp8_gemm` (:mod:`mate.ops.gemm.kgrouped_kernel`): k_grouped_fp8_gemm_{nt,tn}
+  _contiguous and mate.gemm.ragged_k_moe_gemm_8bit (recipe (1, 1, 128), float32 D with C).
+
+A variant outside its op's matrix raises UnsupportedError on a GPU (or runs the reference under
+MATE_ALLOW_REFERENCE_FALLBACK=1); on the CPU every GEMM runs the reference.
+
+The kernels take N (and K, except the K-grouped ones) as compile-time constants (one compile per
+weight shape and layout, every M served by it) and need N % 8 == 0 (16-byte rows of D for TMA;
+N % 4 for the float32 D of the K-grouped FP8 GEMM) and K % 128 == 0 (the API requires that of
+every FP8 GEMM). The K-grouped GEMMs read each group's K from the device (no compile per K).
 """
 
 from __future__ import annotations
@@ -24,10 +31,6 @@ SM90_RECIPES = ((1, 128, 128), (1, 1, 128))
 OUT_DTYPES = (torch.bfloat16, torch.float32)
 
 
-def _no_kernel(**variant):
-    raise NotImplementedError("no TileLang GEMM kernel yet")
-
-
 def _build_fp8(n: int, k: int, layout: str, tile: str = "m128n128", **features):
     """The kernel of a variant from fp8_launch.kernel_variant (the feature values are fixed)."""
     from mate.ops.gemm import fp8_kernel
@@ -36,12 +39,20 @@ def _build_fp8(n: int, k: int, layout: str, tile: str = "m128n128", **features):
 
 
 def _build_bf16(n: int, k: int, ab_dtype, major_a: str, major_b: str, out_dtype, tile: str = "m128n256",
-                **features):
+                layout: str = "dense", accumulate: bool = False, **features):
     """The kernel of a variant from bf16_launch (the feature values other than these are fixed)."""
     from mate.ops.gemm import bf16_kernel
     from mate.ops.gemm.bf16_launch import DTYPE_NAMES
 
-    return bf16_kernel.build(n, k, major_a, major_b, DTYPE_NAMES[ab_dtype], DTYPE_NAMES[out_dtype], tile)
+    return bf16_kernel.build(n, k, major_a, major_b, DTYPE_NAMES[ab_dtype], DTYPE_NAMES[out_dtype], tile, layout,
+                             accumulate)
+
+
+def _build_k_grouped_fp8(n: int, tile: str = "m128n128", **features):
+    """The kernel of a variant from kgrouped_launch (the feature values are fixed)."""
+    from mate.ops.gemm import kgrouped_kernel
+
+    return kgrouped_kernel.build(n, tile)
 
 
 def _fp8_aot(shapes, layouts):
@@ -83,7 +94,7 @@ def _tolerance(dtype: torch.dtype) -> tuple[float, float]:
     return {torch.bfloat16: (2e-2, 2e-2), torch.float32: (1e-3, 1e-3)}.get(dtype, (1e-5, 1e-5))
 
 
-def _op(name: str, features: dict, build=_no_kernel, aot_variants=list) -> dispatch.Op:
+def _op(name: str, features: dict, build, aot_variants=list) -> dispatch.Op:
     return dispatch.Op(name=name, family="gemm", support=dispatch.Support(features), build=build,
                        check_case=_gemm_check_case, tolerance=_tolerance, aot_variants=aot_variants)
 
@@ -97,17 +108,19 @@ M_GROUPED_FP8_GEMM = dispatch.register(_op("gemm.m_grouped_fp8_gemm", {
     "out_dtype": (torch.bfloat16,), "recipe": ((1, 128, 128),), "psum": (False,), "n_multiple_of_8": (True,)},
     _build_fp8,
     lambda: _fp8_aot(GROUPED_AOT_SHAPES, ("contiguous", "masked"))))
-K_GROUPED_FP8_GEMM = _op("gemm.k_grouped_fp8_gemm", {
-    "major_a": ("K",), "major_b": ("K",), "out_dtype": (torch.float32,), "recipe": ((1, 1, 128),), "psum": (False,)})
+K_GROUPED_FP8_GEMM = dispatch.register(_op("gemm.k_grouped_fp8_gemm", {
+    "ab_dtype": (torch.float8_e4m3fn,), "major_a": ("K", "MN"), "major_b": ("K", "MN"), "out_dtype": (torch.float32,),
+    "recipe": ((1, 1, 128),), "psum": (False,), "n_multiple_of_4": (True,)}, _build_k_grouped_fp8))
 BF16_GEMM = dispatch.register(_op("gemm.bf16_gemm", {
     "ab_dtype": (torch.bfloat16, torch.float16), "major_a": ("K", "MN"), "major_b": ("K", "MN"),
-    "out_dtype": (torch.bfloat16, torch.float16, torch.float32), "accumulate": (False,),
+    "out_dtype": (torch.bfloat16, torch.float16, torch.float32), "accumulate": (False, True),
     "n_multiple_of_8": (True,), "k_multiple_of_8": (True,)}, _build_bf16))
-M_GROUPED_BF16_GEMM = _op("gemm.m_grouped_bf16_gemm", {
-    "layout": ("contiguous", "masked"), "major_a": ("K",), "major_b": ("K", "MN"), "out_dtype": (torch.bfloat16,),
-    "psum": (False,)})
-K_GROUPED_BF16_GEMM = _op("gemm.k_grouped_bf16_gemm", {
-    "major_a": ("MN",), "major_b": ("MN",), "out_dtype": (torch.float32,), "psum": (False,)})
+M_GROUPED_BF16_GEMM = dispatch.register(_op("gemm.m_grouped_bf16_gemm", {
+    "layout": ("contiguous", "masked"), "ab_dtype": (torch.bfloat16,), "major_a": ("K",), "major_b": ("K", "MN"),
+    "out_dtype": (torch.bfloat16,), "psum": (False,), "n_multiple_of_8": (True,), "k_multiple_of_8": (True,)},
+    _build_bf16))
+K_GROUPED_BF16_GEMM = dispatch.register(_op("gemm.k_grouped_bf16_gemm", {
+    "ab_dtype": (torch.bfloat16,), "major_a": ("MN",), "major_b": ("MN",), "out_dtype": (torch.float32,),
+    "psum": (False,), "mn_multiple_of_8": (True,)}, _build_bf16))
 
-KERNEL_OPS = (FP8_GEMM, M_GROUPED_FP8_GEMM, BF16_GEMM)
 OPS = (FP8_GEMM, M_GROUPED_FP8_GEMM, K_GROUPED_FP8_GEMM, BF16_GEMM, M_GROUPED_BF16_GEMM, K_GROUPED_BF16_GEMM)
