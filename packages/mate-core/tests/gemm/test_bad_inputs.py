@@ -140,11 +140,11 @@ def test_gpu_without_kernel_raises_unsupported(fake_gpu, monkeypatch):
     with pytest.raises(mate.UnsupportedError, match="does not support n_multiple_of_8=False"):
         api.bf16_gemm_nt(torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16),
                          torch.empty(4, 4))
+    b_fp8 = fp8_b(128, 256)[1]
     with pytest.raises(mate.UnsupportedError, match="does not support psum=True"):
-        api.m_grouped_bf16_gemm_nt_contiguous(torch.randn(128, 8, dtype=torch.bfloat16),
-                                              torch.randn(1, 8, 8, dtype=torch.bfloat16),
-                                              torch.empty(128, 8, dtype=torch.bfloat16),
-                                              torch.tensor([100], dtype=torch.int32), use_psum_layout=True)
+        api.m_grouped_fp8_gemm_nt_contiguous(fp8_a(128, 256)[1], (b_fp8[0][None], b_fp8[1][None]),
+                                             torch.empty(128, 128, dtype=torch.bfloat16),
+                                             torch.tensor([100], dtype=torch.int32), use_psum_layout=True)
     k_a = (torch.zeros(128, 8, dtype=torch.float8_e4m3fn), torch.ones(1, 8))
     k_b = (torch.zeros(128, 6, dtype=torch.float8_e4m3fn), torch.ones(1, 6))
     with pytest.raises(mate.UnsupportedError, match="does not support n_multiple_of_4=False"):

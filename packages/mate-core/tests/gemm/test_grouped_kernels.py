@@ -87,6 +87,48 @@ def test_m_grouped_bf16_contiguous(num_groups, expected_m, n, k, major_b):
     assert calc_diff(d, expected) < BF16_MAX_DIFF
 
 
+@pytest.mark.parametrize("n,k", GROUPED_NK[::3])
+@pytest.mark.parametrize("num_groups,expected_m", [(4, 8192), (8, 4096)])
+def test_m_grouped_bf16_psum(num_groups, expected_m, n, k):
+    """use_psum_layout: grouped_layout holds each group's end row; group g starts at the previous end
+    rounded up to 128 (generate_m_grouped_contiguous(use_psum_layout=True)); rows of no group are 0."""
+    counts = [int(expected_m * random.uniform(0.7, 1.3)) for _ in range(num_groups)]
+    counts[1] = 0  # an empty group
+    starts, ends, start = [], [], 0
+    for count in counts:
+        starts.append(start)
+        ends.append(start + count)
+        start = layouts.align(start + count, 128)
+    m = start + 256  # rows past the last group
+    a, b = _bf16(m, k), _bf16(num_groups, n, k)
+    d = torch.full((m, n), POISON, dtype=torch.bfloat16, device="cuda")
+    grouped_layout = torch.tensor(ends, dtype=torch.int32, device="cuda")
+    api.m_grouped_bf16_gemm_nt_contiguous(a, b, d, grouped_layout, use_psum_layout=True)
+    for g, (first, end) in enumerate(zip(starts, ends, strict=True)):
+        if end > first:
+            assert calc_diff(d[first:end], a[first:end].float() @ b[g].float().T) < BF16_MAX_DIFF, g
+    expected = reference.m_grouped_gemm_nt_contiguous(a, b, grouped_layout, use_psum_layout=True,
+                                                      out_dtype=torch.float32)
+    assert not d.isnan().any() and calc_diff(d, expected) < BF16_MAX_DIFF  # padding rows are zeros
+
+
+def test_m_grouped_bf16_masked_as_psum():
+    """DeepGEMM's masked test in its psum form (layout_masked_to_psum, expected_m_for_psum_layout)."""
+    num_groups, max_m, expected_m, n, k = 32, 1024, 192, 4096, 2048
+    a, b = _bf16(num_groups, max_m, k), _bf16(num_groups, n, k)
+    counts = [int(expected_m * random.uniform(0.7, 1.3)) for _ in range(num_groups)]
+    ends, start, a_psum = [], 0, _bf16(num_groups * max_m, k)
+    for g, count in enumerate(counts):
+        a_psum[start:start + count] = a[g, :count]
+        ends.append(start + count)
+        start = layouts.align(start + count, 128)
+    d = torch.full((num_groups * max_m, n), POISON, dtype=torch.bfloat16, device="cuda")
+    api.m_grouped_bf16_gemm_nt_contiguous(a_psum, b, d, torch.tensor(ends, dtype=torch.int32, device="cuda"),
+                                          use_psum_layout=True, expected_m_for_psum_layout=expected_m)
+    for g, (count, end) in enumerate(zip(counts, ends, strict=True)):
+        assert calc_diff(d[end - count:end], a[g, :count].float() @ b[g].float().T) < BF16_MAX_DIFF, g
+
+
 def _check_masked(d, a, b, masked_m):
     for g, count in enumerate(masked_m.tolist()):
         if count:

@@ -77,20 +77,28 @@ def test_bf16_accumulate(monkeypatch, tmp_path):
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("major_b", ["K", "MN"])
-def test_m_grouped_bf16_contiguous(monkeypatch, major_b):
+@pytest.mark.parametrize("major_b", ["K", "MN", "psum"])
+def test_m_grouped_bf16_contiguous(monkeypatch, tmp_path, major_b):
     groups, n, k = 8, 4096, 7168
     m_indices = torch.arange(groups, dtype=torch.int32).repeat_interleave(512)
     a, b = _bf16(groups * 512, k), _bf16(groups, n, k)
     d = torch.empty(groups * 512, n, dtype=torch.bfloat16)
     if major_b == "K":
         record = _recorded(monkeypatch, lambda: api.m_grouped_bf16_gemm_nt_contiguous(a, b, d, m_indices))
-    else:
+    elif major_b == "MN":
         b_kn = b.transpose(1, 2).contiguous()
         record = _recorded(monkeypatch, lambda: api.m_grouped_bf16_gemm_nn_contiguous(a, b_kn, d, m_indices))
+    else:
+        ends = torch.arange(1, groups + 1, dtype=torch.int32) * 500
+        record = _recorded(monkeypatch, lambda: api.m_grouped_bf16_gemm_nt_contiguous(a, b, d, ends,
+                                                                                       use_psum_layout=True))
     src = _compiled_source(record)
-    _common(src)
-    assert "aux[(((int64_t)((int)blockIdx.y)) * (int64_t)128)]" in src  # the expert of the block's first row
+    _common(src, register_split=major_b != "psum")
+    if major_b == "psum":  # each block scans the experts' end rows; blocks past them skip the K loop
+        assert record.variant["layout"] == "psum" and "scan[1] = g" in src
+        assert _spill_bytes(src, tmp_path) == 0
+    else:
+        assert "aux[(((int64_t)((int)blockIdx.y)) * (int64_t)128)]" in src  # the expert of the block's first row
     assert "tl::tma_store(d_desc" in src
 
 

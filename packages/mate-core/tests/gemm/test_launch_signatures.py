@@ -117,8 +117,10 @@ def test_m_grouped_bf16(monkeypatch, b_major):
     a3 = torch.randn(groups, max_m, k, dtype=torch.bfloat16)
     masked_m = torch.tensor([0, 100, 256], dtype=torch.int32)
     api.m_grouped_bf16_gemm_nt_masked(a3, b, torch.empty(groups, max_m, n, dtype=torch.bfloat16), masked_m, 128)
-    _check(calls, 2)
-    assert [call.variant["layout"] for call in calls] == ["contiguous", "masked"]
+    ends = torch.tensor([100, 128, 300], dtype=torch.int32)  # the psum layout: each group's end row
+    api.m_grouped_bf16_gemm_nt_contiguous(a, b, d, ends, use_psum_layout=True)
+    _check(calls, 3)
+    assert [call.variant["layout"] for call in calls] == ["contiguous", "masked", "psum"]
     assert calls[0].variant["major_b"] == b_major
 
 

@@ -11,15 +11,16 @@ support matrices of :mod:`mate.ops.gemm.support`, three TileLang kernels:
 
 * :mod:`mate.ops.gemm.fp8_kernel`: the FP8 NT GEMMs, dense and M-grouped (contiguous, masked);
 * :mod:`mate.ops.gemm.bf16_kernel`: the BF16 / FP16 GEMMs, dense (any of nt/nn/tn/tt, with or
-  without C), M-grouped (contiguous with K- or MN-major B, masked) and K-grouped
-  (k_grouped_bf16_gemm_tn_contiguous);
+  without C), M-grouped (contiguous with K- or MN-major B, with per-row indices or the PSUM
+  layout; masked) and K-grouped (k_grouped_bf16_gemm_tn_contiguous);
 * :mod:`mate.ops.gemm.kgrouped_kernel`: the K-grouped FP8 GEMMs (k_grouped_fp8_gemm_nt_contiguous,
   DeepGEMM's SM90 form, and k_grouped_fp8_gemm_tn_contiguous, an SM100 form upstream, whose
   MN-major operands are transposed by one copy).
 
-Other variants (the PSUM layouts, MN-major FP8 operands of the normal and M-grouped GEMMs,
-per-channel B scales, FP8 float32 out / C) raise :class:`mate.UnsupportedError` on a GPU, or run
-the reference (with one warning) under MATE_ALLOW_REFERENCE_FALLBACK=1 or MATE_BACKEND=reference.
+Other variants (the PSUM layouts of the FP8 M-grouped and the K-grouped GEMMs, MN-major FP8
+operands of the normal and M-grouped GEMMs, per-channel B scales, FP8 float32 out / C) raise
+:class:`mate.UnsupportedError` on a GPU, or run the reference (with one warning) under
+MATE_ALLOW_REFERENCE_FALLBACK=1 or MATE_BACKEND=reference.
 With C, D = A B^T + C is computed by copying C into D (unless C is D) and accumulating into D.
 """
 
@@ -663,7 +664,7 @@ def _gemm_m_grouped_contiguous(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor
         fp8_launch.m_grouped_contiguous(op.name, op.build, a, sfa, b, sfb, d, grouped_layout)
         return
     if op is gemm_support.M_GROUPED_BF16_GEMM:
-        bf16_launch.m_grouped_contiguous(op.name, op.build, a, b, d, grouped_layout)
+        bf16_launch.m_grouped_contiguous(op.name, op.build, a, b, d, grouped_layout, use_psum_layout)
         return
     if not use_psum_layout:
         _check_contiguous_values(grouped_layout, b.shape[0], alignment)

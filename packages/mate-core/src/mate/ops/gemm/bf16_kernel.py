@@ -12,6 +12,10 @@ Operands are 3-D (group, rows, cols) so that one prim_func serves every layout (
 * ``contiguous``  A (1, M, K) with the rows of all experts stacked, B (GB, N, K); `aux` (M,) int32
                   holds each row's expert (-1: padding). Every 128-row block belongs to one expert
                   (DeepGEMM's alignment), whose B the block multiplies; rows of index -1 are zeros.
+* ``psum``        as contiguous, with `aux` (GB,) int32 holding each expert's end row instead
+                  (DeepGEMM's use_psum_layout): expert g owns rows [align(end[g - 1], 128), end[g]).
+                  Each block finds its expert by scanning the ends; rows of no expert are zeros,
+                  and blocks past every expert skip the K loop.
 * ``masked``      A (G, M_max, K), B (G, N, K), D (G, M_max, N); `aux` (G,) int32 holds masked_m.
                   The grid is sized from the static shapes (CUDA-graph capturable); blocks past
                   masked_m[g] exit at once, and only rows < masked_m[g] are stored.
@@ -43,7 +47,8 @@ from mate.ops.gemm.fp8_kernel import _rows
 DTYPES = ("bfloat16", "float16")
 OUT_DTYPES = ("bfloat16", "float16", "float32")
 MAJORS = ("K", "MN")
-LAYOUTS = ("dense", "contiguous", "masked", "k_grouped")
+LAYOUTS = ("dense", "contiguous", "psum", "masked", "k_grouped")
+M_ALIGNMENT = 128  # the rows of each expert in the contiguous / psum layouts start at multiples of it
 K_GROUP_ALIGNMENT = 128  # every group's K in the k_grouped layout (a multiple of block_k)
 TILES = {"m128n256": {"block_m": 128, "block_n": 256, "block_k": 64, "num_stages": 3, "threads": 256},
          "m128n192": {"block_m": 128, "block_n": 192, "block_k": 64, "num_stages": 4, "threads": 256},
@@ -62,7 +67,7 @@ def _check_config(n, k, major_a, major_b, dtype, out_dtype, layout, accumulate, 
         raise ValueError(f"n and k must be positive multiples of 8 (16-byte rows for TMA), got n {n}, k {k}")
     if block_m not in (64, 128) or threads != 2 * block_m:
         raise ValueError(f"block_m must be 64 or 128 with 128 threads per 64 rows, got {block_m}, {threads}")
-    if layout in ("contiguous", "masked") and (major_a != "K" or accumulate):
+    if layout in ("contiguous", "psum", "masked") and (major_a != "K" or accumulate):
         raise ValueError(f"the {layout} layout takes a K-major A and no accumulator")
     if layout == "k_grouped" and (major_a, major_b, out_dtype, accumulate) != ("MN", "MN", "float32", True):
         raise ValueError("the k_grouped layout takes MN-major A and B and accumulates into a float32 D")
@@ -96,18 +101,38 @@ def bf16_gemm_kernel(n: int, k: int, major_a: str = "K", major_b: str = "K", dty
             d_s = T.alloc_shared((block_m, block_n), out_dtype)
             acc = T.alloc_fragment((block_m, block_n), "float32")
             k0 = T.alloc_local((1,), "int32")  # first K row of the group (k_grouped)
+            scan = T.alloc_local((3,), "int32")  # psum: an expert's start row; the block's expert, its end
 
             T.use_swizzle(panel_size=panel)
             m0 = by * block_m
             n0 = bx * block_n
-            ga = 0 if k_grouped or layout == "contiguous" else bz  # A's group
-            gb = T.max(aux[m0], 0) if layout == "contiguous" else (0 if k_grouped else bz)  # B's group
+            ga = bz if layout in ("dense", "masked") else 0  # A's group
             rows = _rows(layout, aux, M, m0, bz)
             k0[0] = 0
             if k_grouped:
                 for g in T.serial(bz):
                     k0[0] += aux[g]
-            k_blocks = T.ceildiv(aux[bz], block_k) if k_grouped else T.ceildiv(k, block_k)
+            scan[0] = 0
+            scan[1] = -1
+            scan[2] = 0
+            if layout == "psum":
+                for g in T.serial(GB):
+                    if m0 >= scan[0] and m0 < aux[g]:
+                        scan[1] = g
+                        scan[2] = aux[g]
+                    scan[0] = T.ceildiv(aux[g], M_ALIGNMENT) * M_ALIGNMENT
+            gb = bz  # B's group
+            if layout == "contiguous":
+                gb = T.max(aux[m0], 0)
+            elif layout == "psum":
+                gb = T.max(scan[1], 0)
+            elif k_grouped:
+                gb = 0
+            k_blocks = T.ceildiv(k, block_k)
+            if k_grouped:
+                k_blocks = T.ceildiv(aux[bz], block_k)
+            elif layout == "psum":
+                k_blocks = T.if_then_else(scan[1] >= 0, T.ceildiv(k, block_k), 0)
 
             if rows > 0:
                 T.clear(acc)
@@ -131,6 +156,9 @@ def bf16_gemm_kernel(n: int, k: int, major_a: str = "K", major_b: str = "K", dty
                 if layout == "contiguous":
                     for i, j in T.Parallel(block_m, block_n):
                         acc[i, j] = T.if_then_else(aux[T.min(m0 + i, M - 1)] >= 0, acc[i, j], T.float32(0))
+                if layout == "psum":
+                    for i, j in T.Parallel(block_m, block_n):
+                        acc[i, j] = T.if_then_else(m0 + i < scan[2], acc[i, j], T.float32(0))
                 T.copy(acc, d_s)
                 if layout == "masked":
                     for i, j in T.Parallel(block_m, block_n):

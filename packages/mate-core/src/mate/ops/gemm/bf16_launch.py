@@ -133,17 +133,20 @@ def gemm(op_name: str, build, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor,
 
 
 def m_grouped_contiguous(op_name: str, build, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor,
-                         m_indices: torch.Tensor) -> None:
-    """d (M, N) = each 128-row block of A (M, K) times B[its expert]^T, b (G, N, K) any major;
-    rows of expert -1 are zero. The kernel reads each block's expert from its first row (groups
-    padded to 128 rows, DeepGEMM's contract; not checked here, which would need a host sync)."""
+                         grouped_layout: torch.Tensor, psum: bool = False) -> None:
+    """d (M, N) = each 128-row block of A (M, K) times B[its expert]^T, b (G, N, K) any major.
+    grouped_layout is each row's expert (-1: padding) or, with `psum`, each expert's end row
+    (expert g starts at end[g - 1] rounded up to 128); rows of no expert are zero. The kernel
+    reads the expert of each block's first row (groups padded to 128 rows, DeepGEMM's contract;
+    not checked here, which would need a host sync)."""
     m, k = a.shape
     n = b.shape[1]
     _fits_int32(a, b, d)
     b_k, major_b = _operand(b, True)
-    key = m_grouped_variant("contiguous", major_b, d.dtype, False, n, k, a.dtype)
-    key.update(k=int(k))
-    _launch(op_name, build, key, m, n, 1, _aligned(a).unsqueeze(0), b_k, d.unsqueeze(0), _aligned(m_indices), False)
+    key = m_grouped_variant("contiguous", major_b, d.dtype, psum, n, k, a.dtype)
+    key.update(k=int(k), layout="psum" if psum else "contiguous")
+    _launch(op_name, build, key, m, n, 1, _aligned(a).unsqueeze(0), b_k, d.unsqueeze(0), _aligned(grouped_layout),
+            False)
 
 
 def m_grouped_masked(op_name: str, build, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor,

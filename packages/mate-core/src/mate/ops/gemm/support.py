@@ -7,7 +7,7 @@ Every op is registered with dispatch (each has a TileLang kernel):
   contiguous and masked;
 * `gemm.bf16_gemm`, `gemm.m_grouped_bf16_gemm`, `gemm.k_grouped_bf16_gemm`
   (:mod:`mate.ops.gemm.bf16_kernel`): DeepGEMM's bf16_gemm_{nt,nn,tn,tt} with or without C and
-  mate.gemm.bmm_fp16; m_grouped_bf16_gemm_{nt,nn}_contiguous and _nt_masked;
+  mate.gemm.bmm_fp16; m_grouped_bf16_gemm_{nt,nn}_contiguous (PSUM layout too) and _nt_masked;
   k_grouped_bf16_gemm_tn_contiguous;
 * `gemm.k_grouped_fp8_gemm` (:mod:`mate.ops.gemm.kgrouped_kernel`): k_grouped_fp8_gemm_{nt,tn}
   _contiguous and mate.gemm.ragged_k_moe_gemm_8bit (recipe (1, 1, 128), float32 D with C).
@@ -117,7 +117,7 @@ BF16_GEMM = dispatch.register(_op("gemm.bf16_gemm", {
     "n_multiple_of_8": (True,), "k_multiple_of_8": (True,)}, _build_bf16))
 M_GROUPED_BF16_GEMM = dispatch.register(_op("gemm.m_grouped_bf16_gemm", {
     "layout": ("contiguous", "masked"), "ab_dtype": (torch.bfloat16,), "major_a": ("K",), "major_b": ("K", "MN"),
-    "out_dtype": (torch.bfloat16,), "psum": (False,), "n_multiple_of_8": (True,), "k_multiple_of_8": (True,)},
+    "out_dtype": (torch.bfloat16,), "psum": (False, True), "n_multiple_of_8": (True,), "k_multiple_of_8": (True,)},
     _build_bf16))
 K_GROUPED_BF16_GEMM = dispatch.register(_op("gemm.k_grouped_bf16_gemm", {
     "ab_dtype": (torch.bfloat16,), "major_a": ("MN",), "major_b": ("MN",), "out_dtype": (torch.float32,),
