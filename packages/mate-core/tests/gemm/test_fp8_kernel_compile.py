@@ -39,7 +39,8 @@ def test_kernel_variants_are_supported_dispatch_variants():
 @pytest.mark.parametrize("layout,n,k,tile", [("dense", 2112, 7168, "m128n128"), ("dense", 7168, 2048, "m64n64"),
                                            ("dense", 7168, 2048, "m128n256"), ("contiguous", 4096, 7168, "m128n256"),
                                            ("masked", 7168, 2048, "m128n128"), ("masked", 4096, 7168, "m128n256"),
-                                           ("dense", 2112, 7168, "m64n64s4")])
+                                           ("dense", 2112, 7168, "m64n64s4"), ("dense", 7168, 2048, "p128n256"),
+                                           ("dense", 2112, 7168, "p128n128")])
 def test_kernel_compiles_for_sm90a(layout, n, k, tile):
     op = support.FP8_GEMM if layout == "dense" else support.M_GROUPED_FP8_GEMM
     kernel = jit.get_kernel(op.name, fp8_launch.kernel_variant(n, k, layout, tile),
@@ -50,8 +51,11 @@ def test_kernel_compiles_for_sm90a(layout, n, k, tile):
     assert re.search(r"wgmma_ss<tl::DataType::kFloat8_e4m3, tl::DataType::kFloat8_e4m3, tl::DataType::kFloat32, "
                      rf"64, {block_n}, 32", src)
     assert "warpgroup_reg_dealloc" in src and "warpgroup_reg_alloc" in src  # producer / consumer split
-    assert "rasterization2DRow" in src
-    if tile == "m128n256":
+    if tile.startswith("p"):  # persistent: `ctas` CTAs loop over the tiles
+        assert "int ctas" in src and "for (int it = 0;" in src
+    else:
+        assert "rasterization2DRow" in src
+    if tile.endswith("n256"):
         assert src.count("tl::tma_load(b_desc") == 2 and "float acc1[64]" in src  # one B tile and accumulator per half
     splits = fp8_kernel.TILES[tile].get("splits", 1)
     assert f"kb < {k // 128 // splits}" in src  # the K loop has a compile-time trip count

@@ -37,7 +37,10 @@ dynamic, so one compiled kernel serves every token count. Tiles: block_m 128 (tw
 warpgroups of 64 rows) or 64 (one), block_n 16..128 inside one B scale block or 256 (two
 128-column halves, `_wide_kernel`), block_k 128 (one scale block), a `num_stages` TMA ring fed by
 a producer warpgroup (TileLang's warp specialization), and a swizzled rasterization of the
-(N blocks, M blocks) grid for L2 reuse. The host (fp8_launch.tile_for) picks the tile per call.
+(N blocks, M blocks) grid for L2 reuse. Two dense-only variants add parameters after aux:
+`_split_kernel` (split-K for small M: ws, flags) and `persistent_kernel` (hand-written warp roles,
+one CTA per SM looping over the tiles: ctas). The host (fp8_launch.tile_for) picks the tile per
+call.
 """
 
 from types import SimpleNamespace
@@ -62,6 +65,8 @@ TILES = {"m128n128": {**_M128, "block_n": 128, "num_stages": 4},
          "m64n256": {**_M64, "block_n": 256, "num_stages": 4},
          "m64n128": {**_M64, "block_n": 128, "num_stages": 6},
          "m64n64": {**_M64, "block_n": 64, "num_stages": 8},
+         "p128n256": {**_M128, "block_n": 256, "num_stages": 3, "persistent": True},
+         "p128n128": {**_M128, "block_n": 128, "num_stages": 5, "persistent": True},
          **{f"m128n64s{s}": {**_M128, "block_n": 64, "num_stages": 6, "splits": s} for s in (2, 4, 8)},
          **{f"m64n64s{s}": {**_M64, "block_n": 64, "num_stages": 8, "splits": s} for s in (2, 4, 8)}}
 
@@ -104,9 +109,11 @@ def default_config(n: int, k: int, layout: str) -> dict:
 
 
 def fp8_gemm_kernel(n: int, k: int, layout: str = "dense", *, block_m: int = 128, block_n: int = 128,
-                    num_stages: int = 4, threads: int = 256, panel: int = 8, splits: int = 1):
+                    num_stages: int = 4, threads: int = 256, panel: int = 8, splits: int = 1,
+                    persistent: bool = False):
     """Build the prim_func (not compiled) for weights of shape (n, k). `splits` > 1 (dense only):
-    split-K over that many CTAs per tile (see `_split_kernel`)."""
+    split-K over that many CTAs per tile (see `_split_kernel`); `persistent` (dense, block_m 128,
+    block_n 128 or 256): `persistent_kernel`."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if k <= 0 or k % BLOCK_K:
@@ -122,6 +129,11 @@ def fp8_gemm_kernel(n: int, k: int, layout: str = "dense", *, block_m: int = 128
     if splits < 1 or (splits > 1 and (layout != "dense" or block_n == 256)):
         raise ValueError(f"splits must be 1, or > 1 with the dense layout and block_n <= 128, got {splits} "
                          f"({layout}, block_n {block_n})")
+    if persistent and (layout != "dense" or block_m != 128 or block_n not in (128, 256) or splits > 1):
+        raise ValueError(f"persistent needs the dense layout, block_m 128, block_n 128 or 256 and no splits, got "
+                         f"{layout}, {block_m} x {block_n}, splits {splits}")
+    if persistent:
+        return persistent_kernel(n, k, block_n=block_n, num_stages=num_stages, panel=panel)
     if block_n == 256:
         return _wide_kernel(n, k, layout, block_m=block_m, num_stages=num_stages, threads=threads, panel=panel)
     parts = _narrow_parts(n, layout, block_m, block_n, num_stages)
@@ -332,6 +344,99 @@ def _wide_kernel(n: int, k: int, layout: str, *, block_m: int, num_stages: int, 
                     T.copy(d1_s, d[bz, m0:m0 + block_m, n0 + half:n0 + 2 * half])
 
     return fp8_gemm
+
+
+def persistent_kernel(n: int, k: int, *, block_n: int = 256, num_stages: int = 3, panel: int = 8):
+    """Dense, persistent, with hand-written warp roles: `ctas` (a scalar parameter after aux, at
+    most the tile count) CTAs walk the 128 x block_n tiles t = cta, cta + ctas, ... in the
+    swizzled order; the producer warpgroup streams A, B, A's and B's scales into a `num_stages`
+    ring across tile boundaries, so the next tile's loads overlap this tile's epilogue. block_n
+    256 runs as two 128-column halves (one B scale block each), as in `_wide_kernel`."""
+    bm, half = 128, 128
+    halves = block_n // half
+    kb_count = k // BLOCK_K
+    nb_count = -(-n // 128)
+    n_blocks = -(-n // block_n)
+    S = num_stages
+    sig = _signature(n, k)
+    M = sig.M
+
+    @T.prim_func
+    def fp8_gemm_persistent(a: sig.a, b: sig.b, d: sig.d, sfa: sig.sfa, sfb: sig.sfb, aux: sig.aux, ctas: T.int32):
+        with T.Kernel(ctas, threads=384) as cta:
+            a_s = T.alloc_shared((S, bm, BLOCK_K), FP8)
+            b0_s = T.alloc_shared((S, half, BLOCK_K), FP8)
+            b1_s = T.alloc_shared((S, half, BLOCK_K), FP8)
+            sa_s = T.alloc_shared((S, bm), ACC)
+            sb_s = T.alloc_shared((S, 2), ACC)
+            d0_s = T.alloc_shared((bm, half), OUT)
+            d1_s = T.alloc_shared((bm, half), OUT)
+            partial = T.alloc_fragment((bm, half), ACC)
+            acc0 = T.alloc_fragment((bm, half), ACC)
+            acc1 = T.alloc_fragment((bm, half), ACC)
+            full = T.alloc_barrier([128] * S)
+            empty = T.alloc_barrier([256] * S)
+            tx = T.get_thread_binding()
+            m_blocks = T.ceildiv(M, bm)
+            my_tiles = T.ceildiv(m_blocks * n_blocks - cta, ctas)
+            if tx >= 256:
+                T.set_max_nreg(24, 0)
+                for it in T.serial(my_tiles):
+                    t = cta + it * ctas
+                    rows = T.min(panel, m_blocks - t // (panel * n_blocks) * panel)
+                    by = t // (panel * n_blocks) * panel + t % (panel * n_blocks) % rows
+                    bx = t % (panel * n_blocks) // rows
+                    for kb in T.serial(kb_count):
+                        g = it * kb_count + kb
+                        st = g % S
+                        sb0 = sfb[0, bx * halves, kb]
+                        sb1 = sfb[0, T.min(bx * halves + 1, nb_count - 1), kb]
+                        T.barrier_wait(empty[st], (g // S) % 2 ^ 1)
+                        T.tma_copy(a[0, by * bm:by * bm + bm, kb * BLOCK_K:kb * BLOCK_K + BLOCK_K], a_s[st, :, :],
+                                   barrier=full[st])
+                        T.tma_copy(b[0, bx * block_n:bx * block_n + half, kb * BLOCK_K:kb * BLOCK_K + BLOCK_K],
+                                   b0_s[st, :, :], barrier=full[st])
+                        if halves == 2:
+                            T.tma_copy(b[0, bx * block_n + half:bx * block_n + 2 * half,
+                                         kb * BLOCK_K:kb * BLOCK_K + BLOCK_K], b1_s[st, :, :], barrier=full[st])
+                        T.tma_copy(sfa[0, kb, by * bm:by * bm + bm], sa_s[st, :], barrier=full[st])
+                        if tx == 256:
+                            sb_s[st, 0] = sb0
+                            sb_s[st, 1] = sb1
+                        T.barrier_arrive(full[st])
+            else:
+                T.set_max_nreg(240, 1)
+                for it in T.serial(my_tiles):
+                    t = cta + it * ctas
+                    rows = T.min(panel, m_blocks - t // (panel * n_blocks) * panel)
+                    by = t // (panel * n_blocks) * panel + t % (panel * n_blocks) % rows
+                    bx = t % (panel * n_blocks) // rows
+                    T.clear(acc0)
+                    if halves == 2:
+                        T.clear(acc1)
+                    for kb in T.serial(kb_count):
+                        g = it * kb_count + kb
+                        st = g % S
+                        T.barrier_wait(full[st], (g // S) % 2)
+                        T.wgmma_gemm(a_s[st, :, :], b0_s[st, :, :], partial, transpose_B=True, clear_accum=True,
+                                     policy=T.GemmWarpPolicy.FullRow)
+                        T.wait_wgmma(0)
+                        for i, j in T.Parallel(bm, half):
+                            acc0[i, j] += partial[i, j] * (sa_s[st, i] * sb_s[st, 0])
+                        if halves == 2:
+                            T.wgmma_gemm(a_s[st, :, :], b1_s[st, :, :], partial, transpose_B=True, clear_accum=True,
+                                         policy=T.GemmWarpPolicy.FullRow)
+                            T.wait_wgmma(0)
+                            for i, j in T.Parallel(bm, half):
+                                acc1[i, j] += partial[i, j] * (sa_s[st, i] * sb_s[st, 1])
+                        T.barrier_arrive(empty[st])
+                    T.copy(acc0, d0_s)
+                    T.copy(d0_s, d[0, by * bm:by * bm + bm, bx * block_n:bx * block_n + half])
+                    if halves == 2:
+                        T.copy(acc1, d1_s)
+                        T.copy(d1_s, d[0, by * bm:by * bm + bm, bx * block_n + half:bx * block_n + 2 * half])
+
+    return fp8_gemm_persistent
 
 
 def build(n: int, k: int, layout: str = "dense", **tuning):
