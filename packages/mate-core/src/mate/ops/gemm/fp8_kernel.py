@@ -76,7 +76,8 @@ SPLIT_BARRIER = 8  # named barrier of the split-K fixup (TileLang's own syncs us
 
 
 def _signature(n: int, k: int) -> SimpleNamespace:
-    """The parameters both kernels take (the launch's contract): A (groups_a, M, k) and B
+    """The parameters every kernel takes (the launch's contract; the split-K and persistent
+    kernels add theirs after aux): A (groups_a, M, k) and B
     (groups_b, n, k) fp8, D (groups_a, M, n) bf16, A's scales MN-major with padded strides, B's
     128 x 128 block scales, and the int32 layout vector aux (m_indices or masked_m)."""
     M, GA, GB, L = T.dynamic("M, GA, GB, L")
@@ -346,6 +347,14 @@ def _wide_kernel(n: int, k: int, layout: str, *, block_m: int, num_stages: int, 
     return fp8_gemm
 
 
+def _panel_tile(t, m_blocks, n_blocks: int, panel: int):
+    """(N block, M block) of the persistent kernel's t-th tile: panels of `panel` M blocks, walked
+    M block first within a panel (tiles in flight together share B columns and A rows in L2)."""
+    per_panel = panel * n_blocks
+    rows = T.min(panel, m_blocks - t // per_panel * panel)
+    return t % per_panel // rows, t // per_panel * panel + t % per_panel % rows
+
+
 def persistent_kernel(n: int, k: int, *, block_n: int = 256, num_stages: int = 3, panel: int = 8):
     """Dense, persistent, with hand-written warp roles: `ctas` (a scalar parameter after aux, at
     most the tile count) CTAs walk the 128 x block_n tiles t = cta, cta + ctas, ... in the
@@ -382,10 +391,7 @@ def persistent_kernel(n: int, k: int, *, block_n: int = 256, num_stages: int = 3
             if tx >= 256:
                 T.set_max_nreg(24, 0)
                 for it in T.serial(my_tiles):
-                    t = cta + it * ctas
-                    rows = T.min(panel, m_blocks - t // (panel * n_blocks) * panel)
-                    by = t // (panel * n_blocks) * panel + t % (panel * n_blocks) % rows
-                    bx = t % (panel * n_blocks) // rows
+                    bx, by = _panel_tile(cta + it * ctas, m_blocks, n_blocks, panel)
                     for kb in T.serial(kb_count):
                         g = it * kb_count + kb
                         st = g % S
@@ -407,10 +413,7 @@ def persistent_kernel(n: int, k: int, *, block_n: int = 256, num_stages: int = 3
             else:
                 T.set_max_nreg(240, 1)
                 for it in T.serial(my_tiles):
-                    t = cta + it * ctas
-                    rows = T.min(panel, m_blocks - t // (panel * n_blocks) * panel)
-                    by = t // (panel * n_blocks) * panel + t % (panel * n_blocks) % rows
-                    bx = t % (panel * n_blocks) // rows
+                    bx, by = _panel_tile(cta + it * ctas, m_blocks, n_blocks, panel)
                     T.clear(acc0)
                     if halves == 2:
                         T.clear(acc1)
