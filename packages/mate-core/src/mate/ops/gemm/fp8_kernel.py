@@ -76,10 +76,10 @@ SPLIT_BARRIER = 8  # named barrier of the split-K fixup (TileLang's own syncs us
 
 
 def _signature(n: int, k: int) -> SimpleNamespace:
-    """The parameters every kernel takes (the launch's contract; the split-K and persistent
-    kernels add theirs after aux): A (groups_a, M, k) and B
-    (groups_b, n, k) fp8, D (groups_a, M, n) bf16, A's scales MN-major with padded strides, B's
-    128 x 128 block scales, and the int32 layout vector aux (m_indices or masked_m)."""
+    """The parameters every kernel takes (the launch's contract; the split-K and persistent kernels
+    add theirs after aux): A (groups_a, M, k) and B (groups_b, n, k) fp8, D (groups_a, M, n) bf16,
+    A's scales MN-major with padded strides, B's 128 x 128 block scales, and the int32 layout
+    vector aux (m_indices or masked_m)."""
     M, GA, GB, L = T.dynamic("M, GA, GB, L")
     sfa_sg, sfa_sk = T.dynamic("sfa_sg, sfa_sk")
     kb_count, nb_count = k // BLOCK_K, -(-n // 128)
