@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("tilelang")
 
 import mate.gemm  # noqa: E402
-from mate.ops.gemm import api, layouts  # noqa: E402
+from mate.ops.gemm import api, layouts, support  # noqa: E402
 from mate.testing import kernels as kernel_checks  # noqa: E402
 
 
@@ -157,3 +157,14 @@ def test_k_grouped_fp8(monkeypatch, m):
     mate.gemm.ragged_k_moe_gemm_8bit((a.T.contiguous().T, sfa), (b.T.contiguous().T, sfb), info, d,
                                      major_a_mode="K", major_b_mode="K")
     _check(calls, 4)
+
+
+@pytest.mark.parametrize("op_name", [op.name for op in support.OPS])
+def test_check_cases_reach_their_kernels(monkeypatch, op_name):
+    """`mate check`'s case of each GEMM op runs that op's kernel (on a GPU) with fitting arguments."""
+    calls = kernel_checks.record_kernel_calls(monkeypatch)
+    op = next(op for op in support.OPS if op.name == op_name)
+    run, _ = op.check_case(torch.device("cpu"))
+    run()
+    _check(calls)
+    assert calls[0].op == op_name
