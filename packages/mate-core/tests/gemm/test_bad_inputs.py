@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import mate
+import mate.gemm
 from mate import dispatch, platform
 from mate.ops.gemm import api, layouts
 
@@ -113,6 +114,23 @@ def test_k_grouped_errors():
         api.k_grouped_fp8_gemm_tn_contiguous(a, b, d, [128, 128], layout, d, use_psum_layout=True)
     with pytest.raises(ValueError, match="recipe: the K-grouped GEMMs take per-channel scales"):
         api.k_grouped_fp8_gemm_tn_contiguous(a, b, d, [128, 128], layout, d, recipe=(1, 128, 128))
+
+
+def test_c_errors():
+    a, b = torch.randn(8, 16, dtype=torch.bfloat16), torch.randn(24, 16, dtype=torch.bfloat16)
+    rows = torch.zeros(8, 32)
+    d = rows[:, :24]  # row stride 32
+    with pytest.raises(ValueError, match="c: shares d's memory with other strides"):
+        api.bf16_gemm_nt(a, b, d, c=rows.view(-1)[:192].view(8, 24))
+    with pytest.raises(ValueError, match=r"c: expected shape \(8, 24\)"):
+        api.bf16_gemm_nt(a, b, d, c=torch.zeros(8, 16))
+    with pytest.raises(TypeError, match="c: dtype bfloat16"):
+        api.bf16_gemm_nt(a, b, d, c=torch.zeros(8, 24, dtype=torch.bfloat16))
+    ka = layouts.per_channel_cast_to_fp8(torch.randn(256, 32), use_ue8m0=False)
+    kb = layouts.per_channel_cast_to_fp8(torch.randn(256, 48), use_ue8m0=False)
+    out = torch.zeros(48, 2, 32).transpose(0, 2).transpose(1, 2)  # (2, 32, 48), not contiguous
+    with pytest.raises(ValueError, match="out: must be contiguous"):
+        mate.gemm.ragged_k_moe_gemm_8bit(ka, kb, torch.tensor([128, 128], dtype=torch.int32), out)
 
 
 @pytest.fixture
