@@ -128,7 +128,7 @@ def test_c_errors():
         api.bf16_gemm_nt(a, b, d, c=torch.zeros(8, 24, dtype=torch.bfloat16))
     ka = layouts.per_channel_cast_to_fp8(torch.randn(256, 32), use_ue8m0=False)
     kb = layouts.per_channel_cast_to_fp8(torch.randn(256, 48), use_ue8m0=False)
-    out = torch.zeros(48, 2, 32).transpose(0, 2).transpose(1, 2)  # (2, 32, 48), not contiguous
+    out = torch.zeros(2, 48, 32).transpose(1, 2)  # (2, 32, 48), not contiguous
     with pytest.raises(ValueError, match="out: must be contiguous"):
         mate.gemm.ragged_k_moe_gemm_8bit(ka, kb, torch.tensor([128, 128], dtype=torch.int32), out)
 
