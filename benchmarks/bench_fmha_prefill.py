@@ -2,7 +2,10 @@
 
 bf16, batch 8, 32 heads, seqlen 4096, head dims 64 / 128 / 256, causal and not (goal: >= 1.1x
 cuDNN at d=128), plus a varlen batch of the same token count with mixed lengths (goal: within
-~10% of the fixed-length TFLOP/s). FLOPs: 4 * b * h * s * s * d (2 * ... * (d + dv) in general),
+~10% of the fixed-length TFLOP/s). FP8 e4m3 rows (goal: >= 1.5x our bf16) time the public call
+(flash_attn_varlen_func with descales: the V transpose pre-pass plus the kernel), with the pre-pass
+alone and, at d=128, the previous FP8 route (the split-KV decode kernel) beside them.
+FLOPs: 4 * b * h * s * s * d (2 * ... * (d + dv) in general),
 halved for causal; varlen counts the exact visible pairs. A correctness spot-check against
 float32 math runs first.
 
@@ -26,11 +29,14 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mate import jit, platform
-from mate.ops.fmha import forward_kernel
+from mate.mha_interface import flash_attn_varlen_func
+from mate.ops.fmha import decode_kernel, forward_kernel
+from mate.ops.fmha.attention import FP8_V_TRANSPOSE
 from mate.testing import bench
 
 OP = "fmha.flash_attn_fwd"
 BATCH, HEADS, SEQLEN = 8, 32, 4096
+FP8 = "float8_e4m3fn"
 
 
 def variant(head_dim: int, causal: bool, head_dim_v: int | None = None, dtype: str = "bfloat16",
@@ -139,6 +145,53 @@ def timing_inputs(b, s, h, d, dv, copies=1):
     return sets
 
 
+def fp8_rows(b: int, s: int, h: int, d: int, bf16_rows: list[dict], compile_s: dict) -> list[dict]:
+    """FP8 e4m3 at the bf16 shape: the public call (V transpose + kernel), the transpose alone and,
+    at d=128, the previous FP8 route (decode kernel); ratios to our bf16 and cuDNN bf16 rows."""
+    fp8 = torch.float8_e4m3fn
+    copies = bench.copies_to_exceed_l2(b * s * h * 4 * d)
+    sets = [tuple(torch.randn(b, s, h, d, device="cuda").to(fp8) for _ in range(3))
+            + (torch.rand(b, h, device="cuda") + 0.5,) for _ in range(copies)]
+    out = torch.empty(b, s, h, d, device="cuda", dtype=torch.bfloat16)
+    block_n = forward_kernel.default_config(d, d, dtype=FP8).block_n
+    target = platform.device_info("cuda").tilelang_target
+    transpose = jit.get_kernel(FP8_V_TRANSPOSE, {"head_dim_v": d, "block_n": block_n}, target,
+                               forward_kernel.build_v_transpose)
+    starts = torch.arange(b, dtype=torch.int32, device="cuda") * s
+    counts = torch.full((b,), s, dtype=torch.int32, device="cuda")
+
+    def transpose_fn(q, k, v, descale):
+        forward_kernel.transpose_values(transpose, v.view(b * s, h, d), starts, counts, s, block_n,
+                                        b * -(-s // block_n))
+
+    transpose_ms = bench.time_ms(transpose_fn, sets, iters=50)
+    rows = []
+    for causal, bf16 in zip((False, True), bf16_rows, strict=True):
+        def api(q, k, v, descale, causal=causal):
+            flash_attn_varlen_func(q, k, v, causal=causal, q_descale=descale, k_descale=descale,
+                                   v_descale=descale, out=out)
+
+        ms = bench.time_ms(api, sets, iters=50)
+        previous = float("nan")
+        if d == 128:  # the decode kernel, as FP8 prefill ran before (a dense cache of s keys)
+            lse = torch.empty(b, h, s, device="cuda")
+
+            def decode_route(q, k, v, descale, causal=causal, lse=lse):
+                decode_kernel.launch(q, k, v, None, counts, d ** -0.5, causal, out, lse, q_descale=descale,
+                                     k_descale=descale, v_descale=descale)
+
+            previous = bench.time_ms(decode_route, sets[:2], warmup=2, iters=10)
+        flops = 4 * b * h * s * s * d / (2 if causal else 1)
+        row = {"case": f"b{b} h{h} s{s} d{d} fp8", "causal": causal, "mate ms": ms, "mate TFLOP/s": flops / ms / 1e9,
+               "cuDNN ms": bf16["cuDNN ms"], "cuDNN TFLOP/s": bf16["cuDNN TFLOP/s"],
+               "speedup vs cuDNN": bf16["cuDNN ms"] / ms, "varlen / fixed TFLOP/s": float("nan"),
+               "compile s": compile_s[str(variant(d, causal, dtype=FP8))], "fp8 / our bf16": bf16["mate ms"] / ms,
+               "V transpose ms": transpose_ms, "previous FP8 route ms": previous}
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -147,7 +200,7 @@ def main() -> None:
     print(f"{bench.gpu_name()}, torch {torch.__version__}", flush=True)
     dims = [128] if args.quick else [64, 128, 256]
     wanted = [variant(d, c, dv, has_window="window" in e, has_softcap="softcap" in e) for d, dv, c, e in CHECK_CASES]
-    wanted += [variant(d, c) for d in dims for c in (False, True)]
+    wanted += [variant(d, c, dtype=dtype) for dtype in ("bfloat16", FP8) for d in dims for c in (False, True)]
     compile_s = precompile([w for i, w in enumerate(wanted) if w not in wanted[:i]])
     checks = spot_check()
     bad = [c for c in checks if not (c["max |out err|"] < 5e-2 and c["max |lse err|"] < 1e-3 and c["-inf rows match"])]
@@ -183,6 +236,7 @@ def main() -> None:
             print(row, flush=True)
             rows.append(row)
         del sets
+        rows += fp8_rows(b, s, h, d, rows[-2:], compile_s)
 
     # Varlen: the d=128 token count split into mixed lengths (same kernel as fixed length).
     d = 128
@@ -211,9 +265,15 @@ def main() -> None:
     worst = max(max(c["max |out err|"] for c in checks), 0.0)
     notes = (f"bf16, torch SDPA with the cuDNN backend timed in the same run; median of 50 runs after warm-up, "
              f"inputs rotated over >2x L2. Spot-check vs float32 math: max |out err| {worst:.3g}. "
-             f"FLOPs 4*b*h*s*s*d (causal halved; varlen counts visible pairs).")
+             f"FLOPs 4*b*h*s*s*d (causal halved; varlen counts visible pairs). fp8 rows: e4m3 q/k/v with "
+             f"descales through flash_attn_varlen_func (V transpose pre-pass + kernel, bf16 out); their cuDNN "
+             f"columns are the bf16 cuDNN times; 'previous FP8 route': the decode kernel FP8 prefill ran on "
+             f"before (10 runs).")
     columns = ["case", "causal", "mate ms", "mate TFLOP/s", "cuDNN ms", "cuDNN TFLOP/s", "speedup vs cuDNN",
-               "varlen / fixed TFLOP/s", "compile s"]
+               "varlen / fixed TFLOP/s", "compile s", "fp8 / our bf16", "V transpose ms", "previous FP8 route ms"]
+    for row in rows:
+        for column in columns:
+            row.setdefault(column, float("nan"))
     bench.write_results("fmha_prefill", rows, columns, notes, args.out)
 
 

@@ -520,19 +520,20 @@ def test_gpu_kvcache_unsupported_feature_appends_nothing(fake_gpu, monkeypatch):
 
 
 def test_gpu_unsupported_variant_names_the_feature(fake_gpu):
-    # FP8 runs only on the decode kernel, which has no head dim 96: the prefill kernel's refusal shows.
+    # Attention chunks run only on the decode kernel, which has no head dim 96: the prefill kernel's
+    # refusal shows.
     q, k, v = (t.to(FP8) for t in _small(96))
-    with pytest.raises(dispatch.UnsupportedError, match=r"dtype=float8_e4m3fn \(supported: float16, bfloat16\)"):
-        flash_attn_varlen_func(q, k, v)
+    with pytest.raises(dispatch.UnsupportedError, match=r"attention_chunk=True \(supported: False\)"):
+        flash_attn_varlen_func(q, k, v, attention_chunk=2)
 
 
 def test_gpu_fallback_warns_once_and_runs_the_reference(fake_gpu, monkeypatch):
     q, k, v = (t.to(FP8) for t in _small(96))
     monkeypatch.setenv("MATE_ALLOW_REFERENCE_FALLBACK", "1")
     with pytest.warns(UserWarning, match="running the PyTorch reference"):
-        out = flash_attn_varlen_func(q, k, v)
+        out = flash_attn_varlen_func(q, k, v, attention_chunk=2)
     monkeypatch.delenv("MATE_ALLOW_REFERENCE_FALLBACK")
-    assert torch.equal(out, flash_attn_varlen_func(q, k, v, backend="reference"))
+    assert torch.equal(out, flash_attn_varlen_func(q, k, v, attention_chunk=2, backend="reference"))
 
 
 def test_kernel_receives_the_variant_and_arguments(fake_gpu, monkeypatch):
@@ -684,10 +685,11 @@ def test_fp8_varlen_call_takes_the_decode_kernel_with_packed_keys(fake_gpu, monk
     calls = []
     monkeypatch.setattr("mate.ops.fmha.decode_kernel.launch", lambda *args, **kwargs: calls.append((args, kwargs)))
     gen = testing.generator("fp8-varlen-dispatch")
-    cu_q = torch.tensor([0, 3, 20], dtype=torch.int32)
+    # Decode-size (at most 8 queries per sequence); more queries take the FP8 prefill kernel.
+    cu_q = torch.tensor([0, 3, 11], dtype=torch.int32)
     cu_k = torch.tensor([0, 9, 30], dtype=torch.int32)
-    q, k, v = (randn(gen, n, 2, 64).to(FP8) for n in (20, 30, 30))
-    flash_attn_varlen_func(q, k, v, cu_q, cu_k, 17, 21, causal=True)
+    q, k, v = (randn(gen, n, 2, 64).to(FP8) for n in (11, 30, 30))
+    flash_attn_varlen_func(q, k, v, cu_q, cu_k, 8, 21, causal=True)
     (args, kwargs), = calls
     assert args[1].shape == (1, 30, 2, 64) and args[3] is None  # one dense cache row, not paged
     assert kwargs["cache_batch_idx"].tolist() == [0, 0] and kwargs["cache_leftpad"].tolist() == [0, 9]

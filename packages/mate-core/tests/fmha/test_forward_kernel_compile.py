@@ -57,10 +57,12 @@ def test_launch_argument_order_and_empty_calls():
     cu_q, lse = Cu(), ["lse row 0"]
     forward_kernel.launch(fake, "q", "k", "v", cu_q, "cuk", 77, "out", lse, 0.125, (5, -1), 30.0)
     # Kernels built without seqused / sink get placeholders of the right kinds (never read).
-    assert calls == [("q", "k", "v", cu_q, "cuk", cu_q, "cuk", "out", lse, "lse row 0", 77, 0.125, 5, -1, 30.0)]
+    assert calls == [("q", "k", "v", cu_q, "cuk", cu_q, "cuk", "out", lse, "lse row 0", "cuk", lse, lse, lse, 77,
+                      0.125, 5, -1, 30.0)]
     forward_kernel.launch(fake, "q", "k", "v", cu_q, "cuk", 9, "out", lse, 0.5, seqused_q="uq", seqused_k="uk",
-                          sink="sink")
-    assert calls[1] == ("q", "k", "v", cu_q, "cuk", "uq", "uk", "out", lse, "sink", 9, 0.5, -1, -1, 0.0)
+                          sink="sink", v_block="vb", descales=("qd", "kd", "vd"))
+    assert calls[1] == ("q", "k", "v", cu_q, "cuk", "uq", "uk", "out", lse, "sink", "vb", "qd", "kd", "vd", 9, 0.5,
+                        -1, -1, 0.0)
     forward_kernel.launch(fake, "q", "k", "v", cu_q, "cuk", 0, "out", lse, 0.125)  # nothing to do
     assert len(calls) == 2
 

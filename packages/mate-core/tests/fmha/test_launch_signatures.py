@@ -21,23 +21,26 @@ def _check(calls, ops):
         kernel_checks.assert_call_matches_signature(call)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
 @pytest.mark.parametrize("head_dim, head_dim_v", [(128, 128), (80, 80), (192, 128)])
 @pytest.mark.parametrize("extras", ["", "seqused-sink", "window-softcap"])
-def test_prefill_varlen(monkeypatch, head_dim, head_dim_v, extras):
+def test_prefill_varlen(monkeypatch, dtype, head_dim, head_dim_v, extras):
     calls = kernel_checks.record_kernel_calls(monkeypatch)
-    gen = testing.generator(f"launch-prefill{head_dim}{extras}")
+    gen = testing.generator(f"launch-prefill{dtype}{head_dim}{extras}")
     cu_q = torch.tensor([0, 5, 70, 100], dtype=torch.int32)
     cu_k = torch.tensor([0, 40, 90, 200], dtype=torch.int32)
-    q = _randn(gen, 100, 4, head_dim)
-    k, v = _randn(gen, 200, 2, head_dim), _randn(gen, 200, 2, head_dim_v)
+    q = _randn(gen, 100, 4, head_dim, dtype=dtype)
+    k, v = _randn(gen, 200, 2, head_dim, dtype=dtype), _randn(gen, 200, 2, head_dim_v, dtype=dtype)
     kwargs = {}
+    if dtype == torch.float8_e4m3fn:
+        kwargs.update(q_descale=torch.rand(3, 2), v_descale=torch.rand(3, 2))  # k_descale defaults to 1
     if "seqused" in extras:
         kwargs.update(seqused_q=torch.tensor([5, 60, 30], dtype=torch.int32),
                       seqused_k=torch.tensor([40, 45, 110], dtype=torch.int32), learnable_sink=torch.randn(4))
     if "window" in extras:
         kwargs.update(window_size=(32, 8), softcap=5.0)
     flash_attn_varlen_func(q, k, v, cu_q, cu_k, 65, 110, causal=True, **kwargs)
-    _check(calls, ["fmha.attention_forward"])
+    _check(calls, ["fmha.attention_forward"] + (["fmha.fp8_v_transpose"] if dtype == torch.float8_e4m3fn else []))
 
 
 @pytest.mark.parametrize("page_size", [None, 1, 64])
@@ -65,13 +68,37 @@ def test_kvcache_with_append_and_rotary(monkeypatch, page_size, seqlen_q):
     _check(calls, ["fmha.kvcache_append", *decode_or_prefill])
 
 
-def test_fp8_varlen_packed_keys(monkeypatch):
+@pytest.mark.parametrize("total_q, max_seqlen_q, ops", [
+    (20, 17, ["fmha.fp8_v_transpose", "fmha.attention_forward"]),  # prefill
+    (11, 8, ["fmha.decode_splitkv", "fmha.flash_attn_combine"]),  # decode-size
+])
+def test_fp8_varlen_packed_keys(monkeypatch, total_q, max_seqlen_q, ops):
     calls = kernel_checks.record_kernel_calls(monkeypatch)
     gen = testing.generator("launch-fp8")
-    cu_q = torch.tensor([0, 3, 20], dtype=torch.int32)
+    cu_q = torch.tensor([0, 3, total_q], dtype=torch.int32)
     cu_k = torch.tensor([0, 9, 30], dtype=torch.int32)
-    q, k, v = (_randn(gen, n, 2, 64, dtype=torch.float8_e4m3fn) for n in (20, 30, 30))
+    q, k, v = (_randn(gen, n, 2, 64, dtype=torch.float8_e4m3fn) for n in (total_q, 30, 30))
     descale = torch.rand(2, 2)
-    flash_attn_varlen_func(q, k, v, cu_q, cu_k, 17, 21, causal=True, q_descale=descale, k_descale=descale,
-                           v_descale=descale)
-    _check(calls, ["fmha.decode_splitkv", "fmha.flash_attn_combine"])
+    flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_seqlen_q, 21, causal=True, q_descale=descale,
+                           k_descale=descale, v_descale=descale)
+    _check(calls, ops)
+
+
+@pytest.mark.parametrize("seqlen_q", [40, 4])
+def test_fp8_fixed_length_and_dense_cache(monkeypatch, seqlen_q):
+    # Fixed-length FP8 prefill, and a dense FP8 cache with cache_seqlens / leftpad / batch_idx:
+    # the prefill kernel for more than 8 queries, the decode kernel up to 8.
+    calls = kernel_checks.record_kernel_calls(monkeypatch)
+    gen = testing.generator(f"launch-fp8-fixed{seqlen_q}")
+    fp8 = torch.float8_e4m3fn
+    q, k, v = (_randn(gen, 2, n, 4, 128, dtype=fp8) for n in (seqlen_q, 64, 64))
+    flash_attn_varlen_func(q, k[:, :, :2], v[:, :, :2], q_descale=torch.rand(2, 2))
+    prefill = ["fmha.fp8_v_transpose", "fmha.attention_forward"]
+    decode = ["fmha.decode_splitkv", "fmha.flash_attn_combine"]
+    _check(calls, prefill if seqlen_q > 8 else decode)
+    calls.clear()
+    k_cache, v_cache = (_randn(gen, 3, 96, 2, 128, dtype=fp8) for _ in range(2))
+    flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([70, 50], dtype=torch.int32),
+                            cache_batch_idx=torch.tensor([2, 0], dtype=torch.int32),
+                            cache_leftpad=torch.tensor([3, 0], dtype=torch.int32), causal=True)
+    _check(calls, prefill if seqlen_q > 8 else decode)

@@ -9,14 +9,16 @@ softmax_lse) or, when new keys/values are appended to the cache, ``mate::fmha_fw
 the PyTorch reference (:func:`mate.ops.fmha.reference.attention_forward`) on the CPU, a
 TileLang kernel on a GPU.
 
-The TileLang forward kernel (:mod:`mate.ops.fmha.forward_kernel`) covers prefill: fp16/bf16,
+The TileLang forward kernel (:mod:`mate.ops.fmha.forward_kernel`) covers prefill: fp16/bf16 and
+FP8 e4m3 (descales per sequence and kv head, bf16 output; values transposed by a pre-pass),
 head dims 64-256 (and 192/128), MHA/GQA/MQA, causal, local windows, softcap, learnable sinks,
 fixed-length and varlen (cu_seqlens) batches with seqused_q / seqused_k, dense KV caches with
 cache_seqlens, cache_leftpad and cache_batch_idx, and paged caches of head dims the decode kernel
 lacks (gathered into a dense copy first). The split-KV decode kernel
 (:mod:`mate.ops.fmha.decode_kernel`, op ``DECODE``) serves 1-8 queries per sequence on a dense
-cache, and any number on a paged cache, with FP8 inputs or with qv (FA3's MLA-style absorbed
-query; packed FP8 or qv keys run as one cache row),
+cache, and any number on a paged cache, with qv (FA3's MLA-style absorbed query) or with FP8
+inputs the prefill kernel does not serve (context parallelism, attention chunks; packed FP8 or qv
+keys run as one cache row),
 with windows, chunks, softcap, sinks, leftpad, cache_batch_idx and context parallelism. New
 keys/values of flash_attn_with_kvcache (with rotary embedding) are written into the cache by the
 append kernel (:mod:`mate.ops.fmha.append_kernel`, op ``APPEND``) before either attention kernel
@@ -84,7 +86,7 @@ def round_up_head_dim_v(head_dim_v: int) -> int:
 # What the TileLang forward kernel accepts. Dispatch, `mate show-config`, the tests and the
 # README read it; widen it as the kernel grows.
 FWD_SUPPORT = dispatch.Support({
-    "dtype": (torch.float16, torch.bfloat16),
+    "dtype": (torch.float16, torch.bfloat16, torch.float8_e4m3fn),
     "head_dim": (64, 96, 128, 192, 256),
     "head_dim_v": (64, 96, 128, 192, 256),
     "causal": (False, True),
@@ -104,6 +106,9 @@ FWD_SUPPORT = dispatch.Support({
     "context_parallel": (False,),
 }, combinations={
     ("head_dim", "head_dim_v"): ((64, 64), (96, 96), (128, 128), (192, 192), (256, 256), (192, 128)),
+    # FP8 attends over caches as they are: the append kernel writes fp16/bf16 only.
+    ("dtype", "append_kv"): ((torch.float16, False), (torch.float16, True), (torch.bfloat16, False),
+                             (torch.bfloat16, True), (torch.float8_e4m3fn, False)),
 })
 
 
@@ -129,6 +134,16 @@ def _build_fwd(*, dtype: torch.dtype, head_dim: int, head_dim_v: int, causal: bo
 
     return forward_kernel.build(dtype, head_dim, head_dim_v, causal, has_window=local, has_softcap=softcap,
                                 has_seqused=seqused, has_sink=learnable_sink)
+
+
+# The FP8 prefill's pre-pass (forward_kernel.build_v_transpose), keyed by the V head dim and block_n.
+FP8_V_TRANSPOSE = "fmha.fp8_v_transpose"
+
+
+def _build_fp8_v_transpose(*, head_dim_v: int, block_n: int):
+    from mate.ops.fmha import forward_kernel
+
+    return forward_kernel.build_v_transpose(head_dim_v, block_n)
 
 
 # Features the prefill launcher turns into the kernel's per-sequence start rows and used lengths
@@ -294,9 +309,11 @@ def _decode_variant(variant: dict, args: dict[str, Any]) -> dict | None:
     """The decode kernel's variant for a call it can serve (else None: the prefill path decides)."""
     q, varlen_q = args["q"], args["cu_seqlens_q"] is not None
     # Paged caches always take it (any query count: the prefill kernel would need a dense copy), and
-    # so do FP8 inputs and qv (the prefill kernel has neither).
+    # so do the FP8 calls below and qv (the prefill kernel has no qv).
     few_queries = (args["max_seqlen_q"] if varlen_q else q.shape[1]) <= DECODE_MAX_SEQLEN_Q
-    fp8 = variant["dtype"] == torch.float8_e4m3fn
+    # FP8 prefill (more queries, dense keys) runs the prefill kernel when it serves the variant.
+    fp8 = variant["dtype"] == torch.float8_e4m3fn and (few_queries or variant["paged_kv"]
+                                                        or bool(FWD.support.violations(variant)))
     qv = variant["qv"]
     packed_keys = args["cu_seqlens_k"] is not None  # served as one cache row (see _packed_keys_as_cache)
     if (q.dim() != (3 if varlen_q else 4) or not (few_queries or variant["paged_kv"] or fp8 or qv)
@@ -412,11 +429,28 @@ def _launch_kernel(variant: dict, args: dict[str, Any]) -> None:
                             max_q, max_k)
     sink = args["learnable_sink"]
     target = platform.device_info(device).tilelang_target
-    kernel = jit.get_kernel(FWD.name, prefill_kernel_variant(variant, seqused), target, FWD.build)
+    kernel_variant = prefill_kernel_variant(variant, seqused)
+    kernel = jit.get_kernel(FWD.name, kernel_variant, target, FWD.build)
+    fp8 = {}
+    if variant["dtype"] == torch.float8_e4m3fn:
+        # Values transposed per key block for the FP8 P V gemm (sizes bounded on the host: packed keys
+        # fill at most total_k / block_n blocks plus one per sequence, caches batch * their blocks).
+        block_n = forward_kernel.default_config(variant["head_dim"], variant["head_dim_v"], kernel_variant["causal"],
+                                                variant["local"], variant["softcap"], "float8_e4m3fn").block_n
+        blocks = -(-k.shape[0] // block_n) + batch if args["cu_seqlens_k"] is not None \
+            else batch * max(1, -(-max_k // block_n))
+        transpose = jit.get_kernel(FP8_V_TRANSPOSE, {"head_dim_v": v.shape[-1], "block_n": block_n}, target,
+                                   _build_fp8_v_transpose)
+        v, v_block = forward_kernel.transpose_values(
+            transpose, v, cu_k[:-1], used_k.to(torch.int32) if seqused else cu_k[1:] - cu_k[:-1], max_k, block_n,
+            blocks)
+        ones = torch.ones(batch, v.shape[0], dtype=torch.float32, device=device)
+        fp8 = {"v_block": v_block, "descales": tuple(ones if t is None else t.contiguous() for t in (
+            args["q_descale"], args["k_descale"], args["v_descale"]))}
     forward_kernel.launch(kernel, q, k, v, cu_q, cu_k, max_q, flat_out, flat_lse, args["softmax_scale"],
                           window, args["softcap"], seqused_q=used_q.to(torch.int32) if seqused else None,
                           seqused_k=used_k.to(torch.int32) if seqused else None,
-                          sink=None if sink is None else sink.float())
+                          sink=None if sink is None else sink.float(), **fp8)
     if flat_out is not out:
         out.copy_(flat_out[..., :out.shape[-1]].reshape(out.shape))
     if flat_lse is not lse:

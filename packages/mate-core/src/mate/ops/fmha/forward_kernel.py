@@ -7,14 +7,19 @@ serves every sequence length and batch. Parameters of the prim_func, in order:
 
     q              dtype    (total_q, heads_q, head_dim)      contiguous
     k              dtype    (total_k, heads_k, head_dim)      contiguous
-    v              dtype    (total_k, heads_k, head_dim_v)    contiguous
+    v              dtype    (total_k, heads_k, head_dim_v)    contiguous; FP8: transposed values
+                            (heads_k, head_dim_v, total_vt) from ``build_v_transpose`` (below)
     cu_seqlens_q   int32    (batch + 1,)
     cu_seqlens_k   int32    (batch + 1,)
     seqused_q      int32    (batch,)   read only when has_seqused (else any int32 vector)
     seqused_k      int32    (batch,)   read only when has_seqused (else any int32 vector)
-    out            dtype    (total_q, heads_q, head_dim_v)    contiguous, written
+    out            dtype    (total_q, heads_q, head_dim_v)    contiguous, written (bfloat16 for FP8)
     lse            float32  (heads_q, total_q)                contiguous, written
     sink           float32  (heads_q,) read only when has_sink (else any float32 vector)
+    v_block        int32    (batch,)   FP8 only: first block_n-column block of sequence b in v
+    q_descale      float32  (batch, heads_k)  FP8 only (else any float32 matrix): dequantization
+    k_descale      float32  (batch, heads_k)  factors of q, k and v per sequence and kv head
+    v_descale      float32  (batch, heads_k)
     max_seqlen_q   int32    sizes the grid (>= every seqlen_q; larger only wastes empty blocks)
     softmax_scale  float32  > 0 (the row max is taken on unscaled scores)
     window_left    int32    -1 = unbounded (read only when has_window)
@@ -57,11 +62,24 @@ Design (per CTA: one block of block_m query rows of one head of one sequence):
     gemms: ptxas serializes every wgmma of a kernel when one sits on a divergent path.
   * epilogue: O / row_sum in registers -> shared memory (reusing the Q tile when head_dim_v ==
     head_dim) -> 16-byte global stores guarded by the sequence length; lse likewise.
+
+FP8 (float8_e4m3fn q / k / v, bfloat16 out): the same kernel with 8-bit wgmma (32-deep k steps,
+twice the bf16 rate). FP8 wgmma reads both shared-memory operands K-major, so the P V gemm takes
+V transposed, (head_dim_v, keys) per block: ``build_v_transpose`` writes it once per call (one
+read and one write of V), each sequence starting at a block_n-aligned column and padded with zero
+columns to whole blocks (at least one), so every block the kernel loads is written data. P goes to
+the tensor cores from registers as fp8 (values in [0, 1]). The accumulator layout of S and the
+8-bit A-operand layout give a thread different key columns of a 32-key group; rather than moving
+values between threads, the A operand takes the thread's own S values in order, which permutes
+the keys inside every group of 32 (``fp8_key_of``), and the transposed V is written with the same
+permutation, so P V sums the right products. q_descale * k_descale fold into the score scale and
+v_descale into the output, per (sequence, kv head).
 """
 
 from dataclasses import dataclass
 
 import tilelang.language as T
+import torch
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -77,7 +95,19 @@ _TANH_SRC = ('__device__ __forceinline__ float mate_tanh_approx(float x) '
 # Named-barrier ids for the consumer warpgroups' ping-pong (TileLang's own syncs use low ids).
 _PINGPONG_BARRIER = 10
 _SMEM_LIMIT = 227 * 1024  # Hopper: dynamic shared memory a block may opt into
-DTYPES = ("float16", "bfloat16")
+FP8 = "float8_e4m3fn"
+DTYPES = ("float16", "bfloat16", FP8)
+_FP8_K = 32  # keys per k step of an 8-bit wgmma; the P / V key permutation works in such groups
+
+
+def fp8_key_of(j):
+    """The key (within its group of 32) whose score a thread holds at FP8 A-operand column j.
+
+    Per row, the fp32 accumulator gives a thread (lane % 4 = c) the columns 2c, 2c + 1, 8 + 2c,
+    9 + 2c, 16 + 2c, ... of a 32-key group, and the 8-bit A operand wants columns 4c..4c + 3 and
+    16 + 4c..16 + 4c + 3 from it: with j = 16 h + 4 c + e, column j takes key
+    16 h + 8 (e // 2) + 2 c + e % 2. Works on ints and on TileLang expressions."""
+    return (j // _FP8_K) * _FP8_K + (j % _FP8_K) // 16 * 16 + (j % 4) // 2 * 8 + (j % 16) // 4 * 2 + j % 2
 
 
 @dataclass(frozen=True)
@@ -99,10 +129,22 @@ class Config:
 
 
 def default_config(head_dim: int, head_dim_v: int | None = None, causal: bool = False,
-                   has_window: bool = False, has_softcap: bool = False) -> Config:
+                   has_window: bool = False, has_softcap: bool = False, dtype: str = "bfloat16") -> Config:
     """Tile sizes per head dim (register budget: 240 per consumer thread with two consumer
-    warpgroups, 160 with three; shared memory: Q + num_stages * (K + V) [+ O])."""
-    dv = head_dim_v or head_dim
+    warpgroups, 160 with three; shared memory: Q + num_stages * (K + V) [+ O]). FP8 takes the
+    same tiles with block_n rounded down to a multiple of 32 (the 8-bit k step)."""
+    cfg = _default_config(head_dim, head_dim_v or head_dim, causal, has_window, has_softcap)
+    if str(dtype).replace("torch.", "") != FP8:
+        return cfg
+    block_n = cfg.block_n // _FP8_K * _FP8_K
+    if 64 < max(head_dim, head_dim_v or head_dim) <= 128 and not (causal or has_window or has_softcap):
+        # Wider key blocks spread the per-row softmax work (max, rescale) over more keys: d=128 on an
+        # H100, 815 TFLOP/s at 192 against 771 at 128 (kernel alone; 3 stages: 752).
+        block_n = 192
+    return Config(block_m=cfg.block_m, block_n=block_n, num_stages=cfg.num_stages)
+
+
+def _default_config(head_dim: int, dv: int, causal: bool, has_window: bool, has_softcap: bool) -> Config:
     d = max(head_dim, dv)
     if d <= 64:
         # Small head dims are softmax-bound: three consumer warpgroups keep the tensor cores fed,
@@ -116,11 +158,14 @@ def default_config(head_dim: int, head_dim_v: int | None = None, causal: bool = 
     return Config(block_m=128, block_n=80)
 
 
-def shared_memory_bytes(head_dim: int, head_dim_v: int, cfg: Config, elem_bytes: int = 2) -> int:
+def shared_memory_bytes(head_dim: int, head_dim_v: int, cfg: Config, dtype: str = "bfloat16") -> int:
+    fp8 = str(dtype).replace("torch.", "") == FP8
     q = cfg.block_m * head_dim
     kv = cfg.num_stages * cfg.block_n * (head_dim + head_dim_v)
+    if fp8:  # fp8 operands, a separate bfloat16 output tile
+        return q + kv + 2 * cfg.block_m * head_dim_v
     o = 0 if head_dim_v == head_dim else cfg.block_m * head_dim_v
-    return (q + kv + o) * elem_bytes
+    return (q + kv + o) * 2
 
 
 def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_window: bool, has_softcap: bool,
@@ -130,20 +175,24 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
     dtype = str(dtype).replace("torch.", "")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    fp8 = dtype == FP8
     D = int(head_dim)
     DV = int(head_dim_v or head_dim)
     if D % 16 or DV % 16 or not (16 <= D <= 256 and 16 <= DV <= 256):
         raise ValueError(f"head dims must be multiples of 16 in [16, 256], got ({D}, {DV})")
-    base = default_config(D, DV, causal, has_window, has_softcap)
+    if fp8 and D % _FP8_K:
+        raise ValueError(f"FP8 needs a head dim that is a multiple of {_FP8_K}, got {D}")
+    base = default_config(D, DV, causal, has_window, has_softcap, dtype)
     cfg = Config(block_m=block_m or base.block_m, block_n=block_n or base.block_n,
                  num_stages=num_stages or base.num_stages,
                  pingpong=base.pingpong if pingpong is None else bool(pingpong))
     if cfg.block_m % 64 or not 1 <= cfg.consumers <= 3:
         raise ValueError(f"block_m must be 64, 128 or 192, got {cfg.block_m}")
-    if cfg.block_n % 16 or not 16 <= cfg.block_n <= 256:
-        raise ValueError(f"block_n must be a multiple of 16 in [16, 256], got {cfg.block_n}")
-    if shared_memory_bytes(D, DV, cfg) > _SMEM_LIMIT:
-        raise ValueError(f"config {cfg} needs {shared_memory_bytes(D, DV, cfg)} bytes of shared memory")
+    step = _FP8_K if fp8 else 16
+    if cfg.block_n % step or not 16 <= cfg.block_n <= 256:
+        raise ValueError(f"block_n must be a multiple of {step} in [16, 256] for {dtype}, got {cfg.block_n}")
+    if shared_memory_bytes(D, DV, cfg, dtype) > _SMEM_LIMIT:
+        raise ValueError(f"config {cfg} needs {shared_memory_bytes(D, DV, cfg, dtype)} bytes of shared memory")
 
     bm, bn, S = cfg.block_m, cfg.block_n, cfg.num_stages
     n_cons = cfg.consumers
@@ -155,11 +204,16 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
     prod_regs = 24
     assert 128 * prod_regs + cons_threads * cons_regs <= launch_regs * cfg.threads
     acc = "float32"
+    out_dtype = "bfloat16" if fp8 else dtype
     NEG_INF = -T.infinity(acc)
     BIG = 1 << 30  # stands for an unbounded window side
     BAR = _PINGPONG_BARRIER
     total_q, total_k, heads_q, heads_k, batch_plus_1 = T.dynamic("total_q, total_k, heads_q, heads_k, batch_plus_1")
     n_used_q, n_used_k, n_sink = T.dynamic("n_used_q, n_used_k, n_sink")
+    n_vblock, n_desc0, n_desc1, total_vt = T.dynamic("n_vblock, n_desc0, n_desc1, total_vt")
+    # FP8 values come transposed (see build_v_transpose): a block is (DV, bn), K-major for the gemm.
+    v_shape = (heads_k, DV, total_vt) if fp8 else (total_k, heads_k, DV)
+    v_tile = (DV, bn) if fp8 else (bn, DV)
 
     @T.macro
     def score_mod_and_mask(s, kb, empty, m0, m_last, off, seqlen_k, wl, wr, sc_in, sc_out):
@@ -197,18 +251,32 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
             s[i, j] = T.exp2(s[i, j] * cs - T.if_then_else(m[i] == NEG_INF, 0, m[i] * cs))
         T.reduce_sum(s, rs, dim=1)
 
+    @T.macro
+    def scores_to_p(s, p):
+        # P in the A-operand dtype. FP8: each thread keeps its own scores, which permutes the keys
+        # inside every group of 32 (fp8_key_of); V was transposed with the same permutation.
+        if fp8:
+            for i, j in T.Parallel(bm, bn):
+                p[i, j] = s[i, fp8_key_of(j)]
+        else:
+            T.copy(s, p)
+
     @T.prim_func
     def flash_attn_fwd(
         q: T.Tensor((total_q, heads_q, D), dtype),
         k: T.Tensor((total_k, heads_k, D), dtype),
-        v: T.Tensor((total_k, heads_k, DV), dtype),
+        v: T.Tensor(v_shape, dtype),
         cu_seqlens_q: T.Tensor((batch_plus_1,), "int32"),
         cu_seqlens_k: T.Tensor((batch_plus_1,), "int32"),
         seqused_q: T.Tensor((n_used_q,), "int32"),
         seqused_k: T.Tensor((n_used_k,), "int32"),
-        out: T.Tensor((total_q, heads_q, DV), dtype),
+        out: T.Tensor((total_q, heads_q, DV), out_dtype),
         lse: T.Tensor((heads_q, total_q), "float32"),
         sink: T.Tensor((n_sink,), "float32"),
+        v_block: T.Tensor((n_vblock,), "int32"),
+        q_descale: T.Tensor((n_desc0, n_desc1), "float32"),
+        k_descale: T.Tensor((n_desc0, n_desc1), "float32"),
+        v_descale: T.Tensor((n_desc0, n_desc1), "float32"),
         max_seqlen_q: T.int32,
         softmax_scale: T.float32,
         window_left: T.int32,
@@ -221,8 +289,8 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
                 T.import_source(_TANH_SRC)
             q_s = T.alloc_shared((bm, D), dtype)
             k_s = T.alloc_shared((S, bn, D), dtype)
-            v_s = T.alloc_shared((S, bn, DV), dtype)
-            o_s = q_s if D == DV else T.alloc_shared((bm, DV), dtype)
+            v_s = T.alloc_shared((S, *v_tile), dtype)
+            o_s = q_s if D == DV and not fp8 else T.alloc_shared((bm, DV), out_dtype)
             s = T.alloc_fragment((bm, bn), acc)
             p = T.alloc_fragment((bm, bn), dtype)
             o = T.alloc_fragment((bm, DV), acc)
@@ -280,13 +348,20 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
                         T.tma_copy(k[k0 + kb * bn:k0 + kb * bn + bn, kh, :], k_s[st, :, :], barrier=k_full[st])
                         T.barrier_arrive(k_full[st])
                         T.barrier_wait(v_empty[st], ph ^ 1)
-                        T.tma_copy(v[k0 + kb * bn:k0 + kb * bn + bn, kh, :], v_s[st, :, :], barrier=v_full[st])
+                        if fp8:
+                            c0 = (v_block[bz] + kb) * bn
+                            T.tma_copy(v[kh, :, c0:c0 + bn], v_s[st, :, :], barrier=v_full[st])
+                        else:
+                            T.tma_copy(v[k0 + kb * bn:k0 + kb * bn + bn, kh, :], v_s[st, :, :], barrier=v_full[st])
                         T.barrier_arrive(v_full[st])
                 else:
                     # ---- consumer warpgroups ----
                     T.set_max_nreg(cons_regs, 1)
-                    cs = 1.0 if has_softcap else softmax_scale * LOG2E
-                    sc_in = softmax_scale / softcap
+                    # FP8: the q and k descales fold into the score scale, v's into the output.
+                    scale = T.alloc_var(acc, init=softmax_scale * q_descale[bz, kh] * k_descale[bz, kh]
+                                        if fp8 else softmax_scale)
+                    cs = 1.0 if has_softcap else scale * LOG2E
+                    sc_in = scale / softcap
                     sc_out = softcap * LOG2E
                     wg = tx // 128
                     T.fill(o, 0)
@@ -312,7 +387,7 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
                                        sc_in, sc_out)
                     online_softmax(s, m, m_prev, alpha, rs, cs)
                     T.copy(rs, row_sum)
-                    T.copy(s, p)
+                    scores_to_p(s, p)
 
                     # steady state: S_t = Q K_t^T and O += P_{t-1} V_{t-1} in flight together;
                     # the softmax of S_t overlaps the second gemm.
@@ -326,7 +401,7 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
                         T.wgmma_gemm(q_s, k_s[st, :, :], s, transpose_B=True, clear_accum=True,
                                      policy=T.GemmWarpPolicy.FullRow)
                         T.barrier_wait(v_full[pst], ((t - 1) // S) % 2)
-                        T.wgmma_gemm(p, v_s[pst, :, :], o, policy=T.GemmWarpPolicy.FullRow)
+                        T.wgmma_gemm(p, v_s[pst, :, :], o, transpose_B=fp8, policy=T.GemmWarpPolicy.FullRow)
                         if pingpong:
                             T.named_barrier_arrive(BAR + (wg + 1) % n_cons, 128 * 2)
                         T.wait_wgmma(1)
@@ -339,14 +414,14 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
                             row_sum[i] = row_sum[i] * alpha[i] + rs[i]
                         for i, j in T.Parallel(bm, DV):
                             o[i, j] *= alpha[i]
-                        T.copy(s, p)
+                        scores_to_p(s, p)
 
                     # last block: O += P V
                     lst = (nb - 1) % S
                     T.barrier_wait(v_full[lst], ((nb - 1) // S) % 2)
                     if pingpong:
                         T.sync_threads(BAR + wg, 128 * 2)
-                    T.wgmma_gemm(p, v_s[lst, :, :], o, policy=T.GemmWarpPolicy.FullRow)
+                    T.wgmma_gemm(p, v_s[lst, :, :], o, transpose_B=fp8, policy=T.GemmWarpPolicy.FullRow)
                     if pingpong:
                         T.named_barrier_arrive(BAR + (wg + 1) % n_cons, 128 * 2)
                     T.wait_wgmma(0)
@@ -357,6 +432,8 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
                             T.sync_threads(BAR, 128 * 2)
 
                     # ---- epilogue ----
+                    # out = O * value_scale / row_sum; value_scale is v's descale (FP8) or 1.
+                    value_scale = T.alloc_var(acc, init=v_descale[bz, kh] if fp8 else 1.0)
                     if has_sink:
                         # The sink joins the denominator (log2 units, like m * cs): with
                         # top = max(m * cs, sink), O / (row_sum * 2^(m cs - top) + 2^(sink - top))
@@ -367,11 +444,15 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
                             m_prev[i] = T.if_then_else(row_sum[i] > 0, T.max(m[i] * cs, sink_l2), sink_l2)
                             alpha[i] = T.if_then_else(row_sum[i] > 0, T.exp2(m[i] * cs - m_prev[i]), 0)
                             row_sum[i] = row_sum[i] * alpha[i] + T.exp2(sink_l2 - m_prev[i])
+                        for i in T.Parallel(bm):
+                            rs[i] = alpha[i] * value_scale / row_sum[i]
                         for i, j in T.Parallel(bm, DV):
-                            o[i, j] = o[i, j] * alpha[i] / row_sum[i]
+                            o[i, j] = o[i, j] * rs[i]
                     else:
+                        for i in T.Parallel(bm):
+                            rs[i] = value_scale / row_sum[i]
                         for i, j in T.Parallel(bm, DV):
-                            o[i, j] = T.if_then_else(row_sum[i] > 0, o[i, j] / row_sum[i], 0)
+                            o[i, j] = T.if_then_else(row_sum[i] > 0, o[i, j] * rs[i], 0)
                     T.copy(o, o_s)
                     for i, j in T.Parallel(bm, DV):
                         if m0 + i < seqlen_q:
@@ -389,7 +470,7 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
 
 def launch(kernel, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, out, lse, softmax_scale: float,
            window: tuple[int, int] = (-1, -1), softcap: float = 0.0, seqused_q=None, seqused_k=None,
-           sink=None) -> None:
+           sink=None, v_block=None, descales=None) -> None:
     """Run a compiled forward kernel on torch tensors (no host sync, no copies).
 
     q (total_q, heads_q, d), k (total_k, heads_k, d), v (total_k, heads_k, dv), cu_seqlens_*
@@ -398,10 +479,90 @@ def launch(kernel, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, out, 
     kernel must have been built with has_softcap / has_window for them to take effect).
     seqused_q / seqused_k int32 (batch,) (both, for a kernel built with has_seqused) and sink
     float32 (heads_q,) (has_sink); kernels built without them get placeholders.
+    FP8 kernels take v transposed by ``transpose_values`` with its v_block, and descales =
+    (q_descale, k_descale, v_descale), float32 (batch, heads_k) each.
     Nothing is launched when there is nothing to compute (no sequence, or max_seqlen_q <= 0).
     """
     if max_seqlen_q <= 0 or cu_seqlens_q.shape[0] <= 1:
         return
     kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, cu_seqlens_q if seqused_q is None else seqused_q,
            cu_seqlens_k if seqused_k is None else seqused_k, out, lse, lse[0] if sink is None else sink,
+           cu_seqlens_k if v_block is None else v_block, *((lse,) * 3 if descales is None else descales),
            int(max_seqlen_q), float(softmax_scale), int(window[0]), int(window[1]), float(softcap))
+
+
+# ---- FP8: values transposed for the P V gemm ----------------------------------------------------
+
+_TRANSPOSE_THREADS = 128
+
+
+def _transpose_tile(block_n: int) -> int:
+    """Keys per tile of the transpose pre-pass: a power of two dividing block_n (a 128-thread tile of
+    192 columns would need a barrier per row)."""
+    return next(t for t in (128, 64, _FP8_K) if block_n % t == 0)
+
+
+def build_v_transpose(head_dim_v: int, block_n: int):
+    """The FP8 pre-pass: values (total_k, heads_k, dv) -> (heads_k, dv, total_vt), K-major blocks
+    for the forward kernel's P V gemm. Parameters, in order:
+
+        v            float8_e4m3fn (total_k, heads_k, dv)   contiguous
+        key_start    int32 (batch,)   first row of sequence b in v
+        key_count    int32 (batch,)   its number of keys
+        v_block      int32 (batch,)   its first block in vt (blocks of block_n columns)
+        vt           float8_e4m3fn (heads_k, dv, n_tiles, tile)  written (the forward kernel reads it as
+                     (heads_k, dv, n_tiles * tile); tile = _transpose_tile(block_n) columns)
+        max_seqlen_k int32            sizes the grid only (>= 1; smaller values loop)
+
+    Sequence b owns the blocks v_block[b], ..., v_block[b] + max(1, ceil(key_count[b] / block_n))
+    - 1: column c of its block t holds key t * block_n + fp8_key_of(c) (the forward kernel's key
+    permutation), zeros past its last key. Tiles past n_tiles are dropped (never written)."""
+    DV, bn = int(head_dim_v), int(block_n)
+    if DV % 16 or not 16 <= DV <= 256 or bn % _FP8_K or not _FP8_K <= bn <= 256:
+        raise ValueError(f"head_dim_v must be a multiple of 16 in [16, 256] and block_n a multiple of {_FP8_K} "
+                         f"in [{_FP8_K}, 256], got ({DV}, {bn})")
+    tn = _transpose_tile(bn)
+    per_block = bn // tn
+    total_k, heads_k, batch, n_tiles = T.dynamic("total_k, heads_k, batch, n_tiles")
+    # A padded row (4 bytes) spreads a column of the loaded tile over all shared-memory banks.
+    row = DV + 4
+
+    @T.prim_func
+    def fp8_v_transpose(
+        v: T.Tensor((total_k, heads_k, DV), FP8),
+        key_start: T.Tensor((batch,), "int32"),
+        key_count: T.Tensor((batch,), "int32"),
+        v_block: T.Tensor((batch,), "int32"),
+        vt: T.Tensor((heads_k, DV, n_tiles, tn), FP8),
+        max_seqlen_k: T.int32,
+    ):
+        grid = T.max(T.ceildiv(max_seqlen_k, tn), 1)
+        with T.Kernel(grid, heads_k, batch, threads=_TRANSPOSE_THREADS) as (bx, h, b):
+            tile = T.alloc_shared((tn, row), FP8)
+            tile_t = T.alloc_shared((DV, tn), FP8)
+            n = key_count[b]
+            first = key_start[b]
+            ntile = T.max(T.ceildiv(n, bn), 1) * per_block  # whole blocks, at least one
+            for t in T.serial(T.ceildiv(T.max(ntile - bx, 0), grid)):
+                u = bx + t * grid
+                if v_block[b] * per_block + u < n_tiles:
+                    for i, j in T.Parallel(tn, DV):
+                        tile[i, j] = T.if_then_else(u * tn + i < n, v[first + u * tn + i, h, j], T.cast(0, FP8))
+                    for j, c in T.Parallel(DV, tn):
+                        tile_t[j, c] = tile[fp8_key_of(c), j]
+                    T.copy(tile_t, vt[h, :, v_block[b] * per_block + u, :])
+
+    return fp8_v_transpose
+
+
+def transpose_values(kernel, v, key_start, key_count, max_seqlen_k: int, block_n: int, max_blocks: int):
+    """FP8 values for the forward kernel: run ``build_v_transpose``'s kernel and return (vt,
+    v_block). key_start / key_count int32 (batch,); max_blocks >= the sum over the sequences of
+    max(1, ceil(key_count / block_n)) (device-side sizes are not read back: no host sync)."""
+    blocks = torch.clamp((key_count + (block_n - 1)) // block_n, min=1)
+    v_block = (torch.cumsum(blocks, 0) - blocks).to(torch.int32)
+    tile = _transpose_tile(block_n)
+    vt = torch.empty(v.shape[1], v.shape[2], max_blocks * (block_n // tile), tile, dtype=v.dtype, device=v.device)
+    if key_count.shape[0]:
+        kernel(v, key_start, key_count, v_block, vt, max(int(max_seqlen_k), 1))
+    return vt.flatten(2), v_block
