@@ -42,6 +42,20 @@ def test_fp8_key_permutation_keeps_scores_in_their_thread():
         assert sorted(keys) == list(range(32 * group, 32 * group + 32))
 
 
+def test_transposed_values_feed_the_permuted_p():
+    # The pre-pass's layout (its PyTorch reference: zero-padded whole blocks, keys permuted inside
+    # 32-key groups) times the kernel's P (column j of a block holds the score of key
+    # block * block_n + fp8_key_of(j)) is P V.
+    gen = torch.Generator().manual_seed(0)
+    count, block_n = 300, 128
+    v = torch.randn(count, 1, 32, generator=gen).to(FP8)
+    vt = forward_kernel.transposed_values_reference(v, [0], [count], block_n)[0]
+    assert vt.shape == (32, 3 * block_n)
+    p = torch.cat([torch.rand(7, count, generator=gen), torch.zeros(7, 3 * block_n - count)], dim=1)
+    keys = torch.tensor([b * block_n + forward_kernel.fp8_key_of(j) for b in range(3) for j in range(block_n)])
+    torch.testing.assert_close(p[:, keys] @ vt.T, p[:, :count] @ v[:, 0].float())
+
+
 @pytest.mark.parametrize("head_dim, head_dim_v", HEAD_DIMS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_fp8_configs_fit_the_chip(head_dim, head_dim_v, causal):

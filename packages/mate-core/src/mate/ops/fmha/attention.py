@@ -140,10 +140,6 @@ def _build_fwd(*, dtype: torch.dtype, head_dim: int, head_dim_v: int, causal: bo
 FP8_V_TRANSPOSE = "fmha.fp8_v_transpose"
 
 
-def _build_fp8_v_transpose(*, head_dim_v: int, block_n: int):
-    from mate.ops.fmha import forward_kernel
-
-    return forward_kernel.build_v_transpose(head_dim_v, block_n)
 
 
 # Features the prefill launcher turns into the kernel's per-sequence start rows and used lengths
@@ -184,19 +180,66 @@ def _fwd_check_case(device: torch.device):
 
 
 def _aot_variants() -> list[dict]:
-    """Prefill variants `mate aot` prebuilds: bf16/fp16 x the head dims x causal or not (varlen;
-    fixed-length calls build the same kernel)."""
+    """Prefill variants `mate aot` prebuilds: bf16/fp16/FP8 x the head dims x causal or not (varlen;
+    fixed-length calls build the same kernel; FP8's V transposes are FP8_V_TRANSPOSE's)."""
     dims = [(64, 64), (96, 96), (128, 128), (192, 192), (256, 256), (192, 128)]
     return [fwd_variant(dtype=dtype, head_dim=d, head_dim_v=dv, causal=causal, local=False, softcap=False,
                         learnable_sink=False, varlen_q=True, varlen_k=True, seqused=False, paged_kv=False,
                         append_kv=False, rotary=False, qv=False, attention_chunk=False, leftpad_k=False,
                         kv_batch_idx=False, context_parallel=False)
-            for dtype in (torch.bfloat16, torch.float16) for d, dv in dims for causal in (False, True)]
+            for dtype in (torch.bfloat16, torch.float16, torch.float8_e4m3fn) for d, dv in dims
+            for causal in (False, True)]
 
 
 FWD = dispatch.register(dispatch.Op(name="fmha.attention_forward", family="fmha", support=FWD_SUPPORT,
                                     build=_build_fwd, check_case=_fwd_check_case, aot_variants=_aot_variants,
                                     tolerance=_fwd_tolerance))
+
+
+def _build_fp8_v_transpose(*, head_dim_v: int, block_n: int):
+    from mate.ops.fmha import forward_kernel
+
+    return forward_kernel.build_v_transpose(head_dim_v, block_n)
+
+
+def _fp8_v_transpose_check_case(device: torch.device):
+    from mate.ops.fmha import forward_kernel
+
+    generator = torch.Generator().manual_seed(0)
+    starts, counts, block_n = [0, 5, 5], [5, 0, 200], 128  # 1 + 1 + 2 blocks
+    v = torch.randn(sum(counts), 2, 64, generator=generator).to(torch.float8_e4m3fn)
+
+    def expected():
+        return forward_kernel.transposed_values_reference(v, starts, counts, block_n)
+
+    def run():
+        if not platform.device_info(device).is_gpu:
+            return expected()
+        from mate import jit
+
+        kernel = jit.get_kernel(FP8_V_TRANSPOSE, {"head_dim_v": 64, "block_n": block_n},
+                                platform.device_info(device).tilelang_target, _build_fp8_v_transpose)
+        as_int32 = lambda values: torch.tensor(values, dtype=torch.int32, device=device)  # noqa: E731
+        vt, _ = forward_kernel.transpose_values(kernel, v.to(device), as_int32(starts), as_int32(counts), 200,
+                                                block_n, 4)
+        return vt.float().cpu()
+
+    return run, expected
+
+
+def _fp8_v_transpose_aot_variants() -> list[tuple[int, int]]:
+    from mate.ops.fmha import forward_kernel
+
+    return sorted({(variant["head_dim_v"], forward_kernel.default_config(
+        variant["head_dim"], variant["head_dim_v"], variant["causal"], dtype="float8_e4m3fn").block_n)
+        for variant in _aot_variants() if variant["dtype"] == torch.float8_e4m3fn})
+
+
+FP8_V_TRANSPOSE_OP = dispatch.register(dispatch.Op(
+    name=FP8_V_TRANSPOSE, family="fmha",
+    support=dispatch.Support({"head_dim_v": (64, 96, 128, 192, 256), "block_n": range(32, 257, 32)}),
+    build=_build_fp8_v_transpose, check_case=_fp8_v_transpose_check_case,
+    aot_variants=lambda: [{"head_dim_v": dv, "block_n": bn} for dv, bn in _fp8_v_transpose_aot_variants()]))
 
 
 # The KV-cache append kernel (mate.ops.fmha.append_kernel): flash_attn_with_kvcache's new keys /

@@ -555,6 +555,18 @@ def build_v_transpose(head_dim_v: int, block_n: int):
     return fp8_v_transpose
 
 
+def transposed_values_reference(v, key_start, key_count, block_n: int):
+    """What ``build_v_transpose``'s kernel writes, in PyTorch (for checks): float32 (heads_k, dv,
+    columns) for v (total_k, heads_k, dv) and per-sequence key_start / key_count (ints)."""
+    order = torch.tensor([fp8_key_of(c) for c in range(block_n)])
+    columns = []
+    for start, count in zip(key_start, key_count, strict=True):
+        keys = torch.zeros(max(1, -(-count // block_n)) * block_n, *v.shape[1:])
+        keys[:count] = v[start:start + count].float()
+        columns.append(keys.view(-1, block_n, *v.shape[1:])[:, order].flatten(0, 1))
+    return torch.cat(columns).permute(1, 2, 0)
+
+
 def transpose_values(kernel, v, key_start, key_count, max_seqlen_k: int, block_n: int, max_blocks: int):
     """FP8 values for the forward kernel: run ``build_v_transpose``'s kernel and return (vt,
     v_block). key_start / key_count int32 (batch,); max_blocks >= the sum over the sequences of
