@@ -146,6 +146,24 @@ def test_qv_api_calls_take_the_decode_kernel(monkeypatch, paged):
         kernel_checks.assert_call_matches_signature(call)
 
 
+@pytest.mark.parametrize("seqlen_q, table_width, kernel", [(1, 4, "decode"), (8, 4, "decode"), (40, 16, "decode"),
+                                                      (64, 16, "prefill"), (64, 4, "prefill")])
+def test_paged_calls_dominated_by_prefill_take_the_prefill_kernel(monkeypatch, seqlen_q, table_width, kernel):
+    # Rule: the prefill kernel over a gathered copy when the queries are >= 1/4 of the copy's rows
+    # (2 sequences x table width x 16-token pages), else the decode kernel on the pages.
+    from mate.mha_interface import flash_attn_with_kvcache
+    from mate.ops.fmha.attention import FWD
+
+    kernels = kernel_checks.record_kernel_calls(monkeypatch)
+    gen = testing.generator(f"paged-route{seqlen_q}{table_width}")
+    q = torch.randn(2, seqlen_q, 4, 128, generator=gen).bfloat16()
+    k, v = (torch.randn(2 * table_width, 16, 2, 128, generator=gen).bfloat16() for _ in range(2))
+    page_table = torch.randperm(2 * table_width, generator=gen).view(2, table_width).to(torch.int32)
+    flash_attn_with_kvcache(q, k, v, cache_seqlens=torch.tensor([16 * table_width, 70], dtype=torch.int32),
+                            page_table=page_table, causal=True)
+    assert kernels[0].op == (DECODE.name if kernel == "decode" else FWD.name)
+
+
 # ---- compile (sm_90a, no GPU) ----------------------------------------------------------------
 
 COMPILE_VARIANTS = [
@@ -190,7 +208,8 @@ def _check(out, lse, q, k, v, **kwargs):
     exact, exact_lse = reference.attention_forward(q, k, v, **kwargs)
     testing.assert_within_low_precision_error(out, exact, exact.to(out.dtype), atol=ATOL[out.dtype])
     assert torch.equal(lse.isinf(), exact_lse.isinf())
-    assert testing.max_abs_error(lse, exact_lse) <= 2e-3
+    # FP8 scores come from fp8 wgmma, whose accumulator keeps fewer bits than fp32 (as upstream's).
+    assert testing.max_abs_error(lse, exact_lse) <= (5e-3 if q.dtype == torch.float8_e4m3fn else 2e-3)
 
 
 def _cache(gen, batch, seqlen_cache, heads_k, d, dtype, page_size, dv=None):

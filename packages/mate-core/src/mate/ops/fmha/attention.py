@@ -351,15 +351,16 @@ DECODE = dispatch.register(dispatch.Op(
 def _decode_variant(variant: dict, args: dict[str, Any]) -> dict | None:
     """The decode kernel's variant for a call it can serve (else None: the prefill path decides)."""
     q, varlen_q = args["q"], args["cu_seqlens_q"] is not None
-    # Paged caches always take it (any query count: the prefill kernel would need a dense copy), and
-    # so do the FP8 calls below and qv (the prefill kernel has no qv).
+    # Paged caches take it at any query count (the prefill kernel needs a dense copy) unless the call
+    # is mostly prefill; so do the FP8 calls below and qv (the prefill kernel has no qv).
     few_queries = (args["max_seqlen_q"] if varlen_q else q.shape[1]) <= DECODE_MAX_SEQLEN_Q
     # FP8 prefill (more queries, dense keys) runs the prefill kernel when it serves the variant.
     fp8 = variant["dtype"] == torch.float8_e4m3fn and (few_queries or variant["paged_kv"]
                                                         or bool(FWD.support.violations(variant)))
     qv = variant["qv"]
     packed_keys = args["cu_seqlens_k"] is not None  # served as one cache row (see _packed_keys_as_cache)
-    if (q.dim() != (3 if varlen_q else 4) or not (few_queries or variant["paged_kv"] or fp8 or qv)
+    paged = variant["paged_kv"] and not _gathered_prefill_is_faster(variant, args)
+    if (q.dim() != (3 if varlen_q else 4) or not (few_queries or paged or fp8 or qv)
             or (variant["head_dim"] != variant["head_dim_v"]) != qv
             or q.shape[-1] != variant["head_dim"] or args["v"].shape[-1] != variant["head_dim_v"]
             or any(variant[name] for name in DECODE_FEATURES_OFF)
@@ -371,6 +372,19 @@ def _decode_variant(variant: dict, args: dict[str, Any]) -> dict | None:
             "batch_idx": variant["kv_batch_idx"] or packed_keys,
             "sink": variant["learnable_sink"], "local": variant["local"], "softcap": variant["softcap"],
             "cp": variant["context_parallel"], "varlen_q": varlen_q}
+
+
+def _gathered_prefill_is_faster(variant: dict, args: dict[str, Any]) -> bool:
+    """Whether a paged call is prefill-dominated enough for the prefill kernel on a gathered dense
+    copy of its pages (2.5x the one-warpgroup decode kernel's throughput at 4k-token prefill on the
+    H100): its queries number at least a quarter of the rows the copy holds (sequences x page-table
+    width x page size), so the copy costs little next to the attention and its memory stays
+    proportional to the queries. Static sizes only (no host sync)."""
+    q, table = args["q"], args["page_table"]
+    batch, total_q = (q.shape[0], q.shape[0] * q.shape[1]) if args["cu_seqlens_q"] is None else (
+        args["cu_seqlens_q"].shape[0] - 1, q.shape[0])
+    gathered_rows = batch * table.shape[1] * args["k"].shape[1]
+    return 4 * total_q >= gathered_rows and not FWD.support.violations(variant)
 
 
 def _packed_keys_as_cache(k, v, cu_seqlens_k, seqused_k, leftpad_k):

@@ -73,8 +73,9 @@ seqlen_k load a clamped (valid) row and are masked to -inf; blocks past the spli
 predicated off (cp.async zero-fills, no global read). S = Q K^T (wgmma, shared operands) and O +=
 P V (wgmma, P in registers) run on the tensor cores (T.gemm); online softmax with exp2, a row
 whose max is still -inf using 0 as its max. A split with no key block still runs one fully
-masked block, so every path issues the same gemms. FP8 K/V blocks stream as fp8 (16 per copy)
-and are widened to bf16 in shared memory before the gemms; q's and k's descales scale the scores,
+masked block, so every path issues the same gemms. FP8 K/V blocks stream as fp8 (16 per copy);
+S = Q K^T runs on fp8 wgmma and each V block is widened to bf16 in shared memory for P V (fp8
+wgmma needs both operands K-major, V is not); q's and k's descales scale the scores,
 v's the output. With qv the (64, dv) output accumulator is too large for one warpgroup's registers:
 two warpgroups (256 threads) split the gemms' columns (key columns of S, value columns of O), so P
 goes through shared memory, and S = Q K^T + QV V^T reads each V block twice from shared memory.
@@ -119,8 +120,9 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
     dtype = str(dtype).replace("torch.", "")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    # FP8 caches stream as fp8 (half the bytes) and are widened to bf16 in shared memory for the
-    # gemms; the descales fold into the score scale (q, k) and the output (v).
+    # FP8 caches stream as fp8 (half the bytes). S = Q K^T runs on fp8 wgmma (both operands K-major);
+    # V is widened to bf16 in shared memory for P V (fp8 wgmma would need V transposed). The
+    # descales fold into the score scale (q, k) and the output (v).
     fp8 = dtype == "float8_e4m3fn"
     math_dtype = "bfloat16" if fp8 else dtype
     chunk = COPY_BYTES // (1 if fp8 else 2)  # elements per cp.async
@@ -211,11 +213,10 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
              max_seqlen_q, softmax_scale, window_left, window_right, attention_chunk, softcap_value, cp_world_size,
              cp_rank):
         with T.Kernel(tile_count, num_splits, heads_k, threads=threads) as (bt, bs, kh):
-            q_s = T.alloc_shared((bm, D), math_dtype)
+            q_s = T.alloc_shared((bm, D), dtype)
             k_s = T.alloc_shared((ring, bn, D), dtype)
             v_s = T.alloc_shared((ring, bn, DV), dtype)
-            if fp8:  # the current block, widened for the gemms
-                k_wide = T.alloc_shared((bn, D), math_dtype)
+            if fp8:  # the current V block, widened for the P V gemm
                 v_wide = T.alloc_shared((bn, D), math_dtype)
             if qv:
                 qv_s = T.alloc_shared((bm, DV), dtype)
@@ -287,8 +288,8 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
             # Q tile: row r -> (query i = r // group, head kh * group + r % group); padding rows 0.
             for i, j in T.Parallel(bm, D):
                 r = r0 + i
-                q_s[i, j] = T.if_then_else(r < rows, T.cast(q[q_start + r // group, kh * group + r % group, j],
-                                                            math_dtype), T.cast(0, math_dtype))
+                q_s[i, j] = T.if_then_else(r < rows, q[q_start + r // group, kh * group + r % group, j],
+                                           T.cast(0, dtype))
             if qv:
                 for i, j in T.Parallel(bm, DV):
                     r = r0 + i
@@ -326,13 +327,10 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
                 T.ptx_wait_group(ring - 1)
                 T.sync_threads()
                 n0 = (blk_lo + t) * bn
+                T.gemm(q_s, k_s[t % ring, :, :], s, transpose_B=True, clear_accum=True, policy=policy)
                 if fp8:
                     for i, j in T.Parallel(bn, D):
-                        k_wide[i, j] = T.cast(k_s[t % ring, i, j], math_dtype)
                         v_wide[i, j] = T.cast(v_s[t % ring, i, j], math_dtype)
-                    T.gemm(q_s, k_wide, s, transpose_B=True, clear_accum=True, policy=policy)
-                else:
-                    T.gemm(q_s, k_s[t % ring, :, :], s, transpose_B=True, clear_accum=True, policy=policy)
                 if qv:
                     T.gemm(qv_s, v_s[t % ring, :, :], s, transpose_B=True, policy=policy)
                 for i, j in T.Parallel(bm, bn):
