@@ -205,9 +205,16 @@ def _tolerance(dtype: torch.dtype) -> tuple[float, float]:
     return {torch.bfloat16: (2e-2, 2e-2), torch.float32: (1e-3, 1e-3)}.get(dtype, (1e-5, 1e-5))
 
 
-def _op(name: str, features: dict, build, check_case, aot_variants=list) -> dispatch.Op:
+def _fp8_tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """FP8 products accumulate in the tensor cores with fewer bits than fp32 (upstream's too): a
+    float32 out is as close to the exact product as a bfloat16 one (H100: 1.7e-2 on the K-grouped
+    check case)."""
+    return (2e-2, 2e-2)
+
+
+def _op(name: str, features: dict, build, check_case, aot_variants=list, tolerance=_tolerance) -> dispatch.Op:
     return dispatch.Op(name=name, family="gemm", support=dispatch.Support(features), build=build,
-                       check_case=check_case, tolerance=_tolerance, aot_variants=aot_variants)
+                       check_case=check_case, tolerance=tolerance, aot_variants=aot_variants)
 
 
 FP8_GEMM = dispatch.register(_op("gemm.fp8_gemm", {
@@ -222,7 +229,7 @@ M_GROUPED_FP8_GEMM = dispatch.register(_op("gemm.m_grouped_fp8_gemm", {
 K_GROUPED_FP8_GEMM = dispatch.register(_op("gemm.k_grouped_fp8_gemm", {
     "ab_dtype": (torch.float8_e4m3fn,), "major_a": ("K", "MN"), "major_b": ("K", "MN"), "out_dtype": (torch.float32,),
     "recipe": ((1, 1, 128),), "psum": (False,), "n_multiple_of_4": (True,)}, _build_k_grouped_fp8,
-    _k_grouped_check_case(fp8=True)))
+    _k_grouped_check_case(fp8=True), tolerance=_fp8_tolerance))
 BF16_GEMM = dispatch.register(_op("gemm.bf16_gemm", {
     "ab_dtype": (torch.bfloat16, torch.float16), "major_a": ("K", "MN"), "major_b": ("K", "MN"),
     "out_dtype": (torch.bfloat16, torch.float16, torch.float32), "accumulate": (False, True),
