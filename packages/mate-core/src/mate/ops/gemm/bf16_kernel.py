@@ -40,7 +40,7 @@ of M, N and K are handled by TMA (out-of-bounds loads read zeros, stores are cli
 
 import tilelang.language as T
 
-from mate.ops.gemm.fp8_kernel import _rows
+from mate.ops.gemm.tiles import rows_of, store_tile
 
 # (No `from __future__ import annotations`: the prim_func annotations must be evaluated eagerly.)
 
@@ -107,7 +107,7 @@ def bf16_gemm_kernel(n: int, k: int, major_a: str = "K", major_b: str = "K", dty
             m0 = by * block_m
             n0 = bx * block_n
             ga = bz if layout in ("dense", "masked") else 0  # A's group
-            rows = _rows(layout, aux, M, m0, bz)
+            rows = rows_of(layout, aux, M, m0, bz)
             k0[0] = 0
             if k_grouped:
                 for g in T.serial(bz):
@@ -160,12 +160,7 @@ def bf16_gemm_kernel(n: int, k: int, major_a: str = "K", major_b: str = "K", dty
                     for i, j in T.Parallel(block_m, block_n):
                         acc[i, j] = T.if_then_else(m0 + i < scan[2], acc[i, j], T.float32(0))
                 T.copy(acc, d_s)
-                if layout == "masked":
-                    for i, j in T.Parallel(block_m, block_n):
-                        if i < rows and n0 + j < n:
-                            d[bz, m0 + i, n0 + j] = d_s[i, j]
-                else:
-                    T.copy(d_s, d[bz, m0:m0 + block_m, n0:n0 + block_n])
+                store_tile(d, d_s, bz, m0, n0, rows, n, layout == "masked", block_m, block_n)
 
     return bf16_gemm
 

@@ -47,6 +47,8 @@ from types import SimpleNamespace
 
 import tilelang.language as T
 
+from mate.ops.gemm.tiles import group_of, rows_of, store_tile
+
 # (No `from __future__ import annotations`: the prim_func annotations must be evaluated eagerly.)
 
 BLOCK_K = 128  # = the scale block along K
@@ -88,19 +90,6 @@ def _signature(n: int, k: int) -> SimpleNamespace:
         a=T.Tensor((GA, M, k), FP8), b=T.Tensor((GB, n, k), FP8), d=T.Tensor((GA, M, n), OUT),
         sfa=T.StridedTensor((GA, kb_count, M), (sfa_sg, sfa_sk, 1), ACC),
         sfb=T.Tensor((GB, nb_count, kb_count), ACC), aux=T.Tensor((L,), "int32"))
-
-
-def _group(layout: str, aux, m0, bz):
-    """The B group (expert) of the row block at m0 of A group bz: contiguous reads m_indices
-    (padding rows, -1, use group 0; they are written as zeros), masked has one per A group."""
-    if layout == "contiguous":
-        return T.max(aux[m0], 0)
-    return bz if layout == "masked" else 0
-
-
-def _rows(layout: str, aux, M, m0, bz):
-    """Rows of the block at m0 to compute and store (masked: up to masked_m of the group)."""
-    return T.min(aux[bz], M) - m0 if layout == "masked" else M - m0
 
 
 def default_config(n: int, k: int, layout: str) -> dict:
@@ -161,8 +150,8 @@ def fp8_gemm_kernel(n: int, k: int, layout: str = "dense", *, block_m: int = 128
             T.use_swizzle(panel_size=panel)
             m0 = by * block_m
             n0 = bx * block_n
-            group = _group(layout, aux, m0, bz)
-            rows = _rows(layout, aux, M, m0, bz)
+            group = group_of(layout, aux, m0, bz)
+            rows = rows_of(layout, aux, M, m0, bz)
 
             if rows > 0:
                 parts.k_loop(a, b, sfa, sfb, bz, group, m0, n0, 0, kb_count, a_s, b_s, sa_s, sb_s, partial, acc)
@@ -194,12 +183,7 @@ def _narrow_parts(n: int, layout: str, block_m: int, block_n: int, num_stages: i
     @T.macro
     def store(d, acc, d_s, bz, m0, n0, rows):
         T.copy(acc, d_s)
-        if layout == "masked":
-            for i, j in T.Parallel(block_m, block_n):
-                if i < rows and n0 + j < n:
-                    d[bz, m0 + i, n0 + j] = d_s[i, j]
-        else:
-            T.copy(d_s, d[bz, m0:m0 + block_m, n0:n0 + block_n])
+        store_tile(d, d_s, bz, m0, n0, rows, n, layout == "masked", block_m, block_n)
 
     return SimpleNamespace(k_loop=k_loop, store=store)
 
@@ -304,8 +288,8 @@ def _wide_kernel(n: int, k: int, layout: str, *, block_m: int, num_stages: int, 
             T.use_swizzle(panel_size=panel)
             m0 = by * block_m
             n0 = bx * 256
-            group = _group(layout, aux, m0, bz)
-            rows = _rows(layout, aux, M, m0, bz)
+            group = group_of(layout, aux, m0, bz)
+            rows = rows_of(layout, aux, M, m0, bz)
 
             if rows > 0:
                 for kk in T.Parallel(kb_count):
@@ -333,16 +317,8 @@ def _wide_kernel(n: int, k: int, layout: str, *, block_m: int, num_stages: int, 
                         acc1[i, j] = T.if_then_else(keep, acc1[i, j], T.float32(0))
                 T.copy(acc0, d0_s)
                 T.copy(acc1, d1_s)
-                if layout == "masked":
-                    for i, j in T.Parallel(block_m, half):
-                        if i < rows and n0 + j < n:
-                            d[bz, m0 + i, n0 + j] = d0_s[i, j]
-                    for i, j in T.Parallel(block_m, half):
-                        if i < rows and n0 + half + j < n:
-                            d[bz, m0 + i, n0 + half + j] = d1_s[i, j]
-                else:
-                    T.copy(d0_s, d[bz, m0:m0 + block_m, n0:n0 + half])
-                    T.copy(d1_s, d[bz, m0:m0 + block_m, n0 + half:n0 + 2 * half])
+                store_tile(d, d0_s, bz, m0, n0, rows, n, layout == "masked", block_m, half)
+                store_tile(d, d1_s, bz, m0, n0 + half, rows, n, layout == "masked", block_m, half)
 
     return fp8_gemm
 
