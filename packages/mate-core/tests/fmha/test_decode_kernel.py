@@ -164,6 +164,23 @@ def test_paged_calls_dominated_by_prefill_take_the_prefill_kernel(monkeypatch, s
     assert kernels[0].op == (DECODE.name if kernel == "decode" else FWD.name)
 
 
+@pytest.mark.parametrize("feature", ["attention_chunk", "context_parallel"])
+def test_prefill_features_only_the_decode_kernel_has_run_on_it(monkeypatch, feature):
+    # Prefill-size bf16 calls with attention chunks (Llama 4) or context parallelism: the prefill
+    # kernel lacks them, the decode kernel serves them at any query count (dense or packed keys).
+    from mate.mha_interface import flash_attn_varlen_func
+
+    kernels = kernel_checks.record_kernel_calls(monkeypatch)
+    gen = testing.generator(f"prefill-on-decode{feature}")
+    q, k, v = (torch.randn(40, 8, 128, generator=gen).bfloat16() for _ in range(3))
+    cu = torch.tensor([0, 15, 40], dtype=torch.int32)
+    extra = {"attention_chunk": 8} if feature == "attention_chunk" else {
+        "cp_world_size": 2, "cp_rank": 1, "cp_tot_seqused_k": torch.tensor([30, 50], dtype=torch.int32)}
+    flash_attn_varlen_func(q, k, v, cu, cu, 25, 25, causal=True, **extra)
+    assert kernels[0].op == DECODE.name
+    kernel_checks.assert_call_matches_signature(kernels[0])
+
+
 # ---- compile (sm_90a, no GPU) ----------------------------------------------------------------
 
 COMPILE_VARIANTS = [

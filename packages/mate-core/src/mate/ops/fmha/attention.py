@@ -13,16 +13,15 @@ The TileLang forward kernel (:mod:`mate.ops.fmha.forward_kernel`) covers prefill
 FP8 e4m3 (descales per sequence and kv head, bf16 output; values transposed by a pre-pass),
 head dims 64-256 (and 192/128), MHA/GQA/MQA, causal, local windows, softcap, learnable sinks,
 fixed-length and varlen (cu_seqlens) batches with seqused_q / seqused_k, dense KV caches with
-cache_seqlens, cache_leftpad and cache_batch_idx, and paged caches of head dims the decode kernel
-lacks (gathered into a dense copy first). The split-KV decode kernel
-(:mod:`mate.ops.fmha.decode_kernel`, op ``DECODE``) serves 1-8 queries per sequence on a dense
-cache, and any number on a paged cache, with qv (FA3's MLA-style absorbed query) or with FP8
-inputs the prefill kernel does not serve (context parallelism, attention chunks; packed FP8 or qv
-keys run as one cache row),
-with windows, chunks, softcap, sinks, leftpad, cache_batch_idx and context parallelism. New
-keys/values of flash_attn_with_kvcache (with rotary embedding) are written into the cache by the
-append kernel (:mod:`mate.ops.fmha.append_kernel`, op ``APPEND``) before either attention kernel
-runs.
+cache_seqlens, cache_leftpad and cache_batch_idx, and prefill-dominated calls on paged caches
+(gathered into a dense copy first). The split-KV decode kernel (:mod:`mate.ops.fmha.decode_kernel`,
+op ``DECODE``) serves 1-8 queries per sequence, other calls on paged caches (mixed prefill/decode
+batches), FP8 calls the prefill kernel does not take, and at any query count what the prefill
+kernel lacks: qv (FA3's MLA-style absorbed query), attention chunks and context parallelism
+(packed keys then run as one cache row); with windows, softcap, sinks, leftpad and
+cache_batch_idx. New keys/values of flash_attn_with_kvcache (with rotary embedding) are written
+into the cache by the append kernel (:mod:`mate.ops.fmha.append_kernel`, op ``APPEND``) before
+either attention kernel runs.
 ``FWD.support`` and ``DECODE.support`` say exactly what they accept; on a GPU any other
 variant raises :class:`mate.UnsupportedError` naming the feature (or runs the reference with one
 warning under MATE_ALLOW_REFERENCE_FALLBACK=1).
@@ -351,20 +350,20 @@ DECODE = dispatch.register(dispatch.Op(
 def _decode_variant(variant: dict, args: dict[str, Any]) -> dict | None:
     """The decode kernel's variant for a call it can serve (else None: the prefill path decides)."""
     q, varlen_q = args["q"], args["cu_seqlens_q"] is not None
-    # Paged caches take it at any query count (the prefill kernel needs a dense copy) unless the call
-    # is mostly prefill; so do the FP8 calls below and qv (the prefill kernel has no qv).
+    # It serves decode-size calls, paged caches at any query count (the prefill kernel needs a dense
+    # copy) unless the call is mostly prefill, FP8 calls the prefill kernel does not take, and what
+    # the prefill kernel lacks altogether (qv, attention chunks, context parallelism).
     few_queries = (args["max_seqlen_q"] if varlen_q else q.shape[1]) <= DECODE_MAX_SEQLEN_Q
-    # FP8 prefill (more queries, dense keys) runs the prefill kernel when it serves the variant.
-    fp8 = variant["dtype"] == torch.float8_e4m3fn and (few_queries or variant["paged_kv"]
-                                                        or bool(FWD.support.violations(variant)))
+    prefill_lacks = bool(FWD.support.violations(variant))
+    fp8 = variant["dtype"] == torch.float8_e4m3fn and (few_queries or variant["paged_kv"] or prefill_lacks)
     qv = variant["qv"]
     packed_keys = args["cu_seqlens_k"] is not None  # served as one cache row (see _packed_keys_as_cache)
     paged = variant["paged_kv"] and not _gathered_prefill_is_faster(variant, args)
-    if (q.dim() != (3 if varlen_q else 4) or not (few_queries or paged or fp8 or qv)
+    if (q.dim() != (3 if varlen_q else 4) or not (few_queries or paged or fp8 or prefill_lacks)
             or (variant["head_dim"] != variant["head_dim_v"]) != qv
             or q.shape[-1] != variant["head_dim"] or args["v"].shape[-1] != variant["head_dim_v"]
             or any(variant[name] for name in DECODE_FEATURES_OFF)
-            or (packed_keys and not (fp8 or qv)) or args["seqused_q"] is not None):
+            or (packed_keys and not (fp8 or prefill_lacks)) or args["seqused_q"] is not None):
         return None
     return {"dtype": variant["dtype"], "head_dim": variant["head_dim"], "head_dim_v": variant["head_dim_v"], "qv": qv,
             "paged": variant["paged_kv"],
