@@ -488,6 +488,38 @@ def test_qv_api_calls_run_the_decode_kernel(decode_launches):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("feature", ["attention_chunk", "context_parallel"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_prefill_size_chunk_and_context_parallel_calls(decode_launches, feature, packed):
+    # The prefill kernel lacks both: prefill-size calls run on the decode kernel (many 64-row tiles).
+    from mate.mha_interface import flash_attn_varlen_func, flash_attn_with_kvcache
+
+    gen = torch.Generator(device="cuda").manual_seed(testing.seed_for(f"prefill-on-decode{feature}{packed}"))
+    seqlens = [239, 113, 1]
+    cu = torch.tensor([0] + seqlens, device="cuda").cumsum(0).to(torch.int32)
+    extra = {"attention_chunk": 64} if feature == "attention_chunk" else {
+        "cp_world_size": 2, "cp_rank": 1,
+        "cp_tot_seqused_k": torch.tensor([2 * n + 1 for n in seqlens], dtype=torch.int32, device="cuda")}
+    if packed:
+        q, k, v = (torch.randn(sum(seqlens), heads, 128, generator=gen, device="cuda").bfloat16()
+                   for heads in (16, 4, 4))
+        out, lse = flash_attn_varlen_func(q, k, v, cu, cu, max(seqlens), max(seqlens), causal=True,
+                                          return_softmax_lse=True, **extra)
+        ref = {"cu_seqlens_q": cu, "cu_seqlens_k": cu, "max_seqlen_q": max(seqlens), "max_seqlen_k": max(seqlens)}
+    else:
+        q = torch.randn(3, 239, 16, 128, generator=gen, device="cuda").bfloat16()
+        k, v = (torch.randn(3, 300, 4, 128, generator=gen, device="cuda").bfloat16() for _ in range(2))
+        cache_seqlens = torch.tensor([300, 239, 250], dtype=torch.int32, device="cuda")
+        if feature == "context_parallel":
+            extra["cp_tot_seqused_k"] = cache_seqlens * 2 + 1
+        out, lse = flash_attn_with_kvcache(q, k, v, cache_seqlens=cache_seqlens, causal=True, return_softmax_lse=True,
+                                           **extra)
+        ref = {"seqused_k": cache_seqlens}
+    assert decode_launches == [1]
+    _check(out, lse, q, k, v, causal=True, **ref, **extra)
+
+
+@pytest.mark.gpu
 def test_causal_rows_that_see_no_key():
     # seqlen_k < seqlen_q: the first rows see nothing (out 0, lse -inf), and many splits are empty.
     gen = torch.Generator(device="cuda").manual_seed(1)
