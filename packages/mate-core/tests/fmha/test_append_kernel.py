@@ -83,7 +83,7 @@ def _inputs(layout, rotary, seqlen_q, seqlen_k, seqlen_new, dtype, d, seed, batc
     return args
 
 
-def _reference(args, causal):
+def _reference(args, causal, **features):
     """The reference run on copies of the caches, in the inputs' dtype (rotated values rounded as the
     kernels round them; attention computed in float32): (out, lse, k_cache, v_cache)."""
     k_cache, v_cache = args["k_cache"].clone(), args["v_cache"].clone()
@@ -91,7 +91,7 @@ def _reference(args, causal):
         args["q"], k_cache, v_cache, k_new=args["k"], v_new=args["v"], seqused_k=args["cache_seqlens"],
         page_table=args.get("page_table"), kv_batch_idx=args.get("cache_batch_idx"),
         leftpad_k=args.get("cache_leftpad"), rotary_cos=args.get("rotary_cos"), rotary_sin=args.get("rotary_sin"),
-        rotary_interleaved=args.get("rotary_interleaved", True), causal=causal)
+        rotary_interleaved=args.get("rotary_interleaved", True), causal=causal, **features)
     return out, lse, k_cache, v_cache
 
 
@@ -113,6 +113,18 @@ def test_kvcache_append(layout, rotary, seqlen_q, seqlen_k, seqlen_new, causal, 
     expected = _reference(args, causal)
     out, lse = flash_attn_with_kvcache(**args, causal=causal, return_softmax_lse=True)
     torch.cuda.synchronize()
+    _check(out, lse, args["k_cache"], args["v_cache"], expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["dense", "page16"])
+@pytest.mark.parametrize("seqlen_q", [1, 3])
+def test_kvcache_append_with_attention_chunk(layout, seqlen_q):
+    # Llama 4's decode step: append (rotated), then chunked attention (on the decode kernel).
+    args = _inputs(layout, "interleaved", seqlen_q, 339, seqlen_q, torch.bfloat16, 128,
+                   testing.seed_for(f"append-chunk{layout}{seqlen_q}"))
+    expected = _reference(args, True, attention_chunk=64)
+    out, lse = flash_attn_with_kvcache(**args, causal=True, attention_chunk=64, return_softmax_lse=True)
     _check(out, lse, args["k_cache"], args["v_cache"], expected)
 
 

@@ -511,12 +511,26 @@ def test_gpu_kvcache_append_runs_the_append_kernel_then_attention(fake_gpu, monk
 
 
 def test_gpu_kvcache_unsupported_feature_appends_nothing(fake_gpu, monkeypatch):
+    # An attention chunk over a head dim of 96: the prefill kernel lacks chunks and the decode kernel
+    # head dim 96, so nothing may be appended before the refusal.
     monkeypatch.setattr("mate.ops.fmha.append_kernel.launch", lambda *args, **kwargs: pytest.fail("appended"))
-    args = _kvcache_inputs()
+    args = {name: torch.nn.functional.pad(t, (0, 32)) if name in ("q", "k_cache", "v_cache", "k", "v") else t
+            for name, t in _kvcache_inputs().items()}
     k_cache = args["k_cache"].clone()
     with pytest.raises(dispatch.UnsupportedError, match=r"attention_chunk=True \(supported: False\)"):
         flash_attn_with_kvcache(**args, attention_chunk=4)
     assert torch.equal(args["k_cache"], k_cache)
+
+
+def test_gpu_kvcache_append_with_attention_chunk_runs_append_then_decode(fake_gpu, monkeypatch):
+    # Llama 4's decode step: new keys appended (rotated), then chunked attention on the decode kernel.
+    launched = []
+    monkeypatch.setattr("mate.jit.get_kernel", lambda *args: None)
+    monkeypatch.setattr("mate.ops.fmha.append_kernel.launch", lambda *args, **kwargs: launched.append("append"))
+    monkeypatch.setattr("mate.ops.fmha.decode_kernel.launch",
+                        lambda *args, **kwargs: launched.append(("decode", kwargs["attention_chunk"])))
+    flash_attn_with_kvcache(**_kvcache_inputs(), causal=True, attention_chunk=4)
+    assert launched == ["append", ("decode", 4)]
 
 
 def test_gpu_unsupported_variant_names_the_feature(fake_gpu):

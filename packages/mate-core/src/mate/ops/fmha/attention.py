@@ -386,6 +386,19 @@ def _gathered_prefill_is_faster(variant: dict, args: dict[str, Any]) -> bool:
     return 4 * total_q >= gathered_rows and not FWD.support.violations(variant)
 
 
+def _append_backend(variant: dict, args: dict[str, Any], backend: str) -> str:
+    """The backend of a call that appends new keys/values: "tilelang" when the append kernel takes
+    its dtype and head dims and the decode kernel serves the attention over the updated cache;
+    otherwise the forward op's choice (which raises UnsupportedError on a GPU when the prefill
+    kernel cannot serve it either)."""
+    q, v = args["q"], args["v"]
+    after = _decode_variant({**variant, "append_kv": False, "rotary": False}, args)
+    append = {"dtype": q.dtype, "head_dim": q.shape[-1], "head_dim_v": v.shape[-1]}
+    if after is not None and not DECODE.support.violations(after) and not APPEND.support.violations(append):
+        return dispatch.select(DECODE, after, q.device, "tilelang" if backend in KERNEL_BACKENDS else backend)
+    return select_backend(variant, q.device, backend)
+
+
 def _packed_keys_as_cache(k, v, cu_seqlens_k, seqused_k, leftpad_k):
     """Packed keys (total_k, heads_k, d) with cu_seqlens_k as the decode kernel's dense cache: one
     cache row (every cache_batch_idx 0) in which sequence b keeps rows [start, end): its leftpad
@@ -579,7 +592,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Te
         paged_kv=page_table is not None, append_kv=k_new is not None, rotary=rotary_cos is not None,
         qv=qv is not None, attention_chunk=attention_chunk > 0, leftpad_k=leftpad_k is not None,
         kv_batch_idx=kv_batch_idx is not None, context_parallel=cp_world_size > 1)
-    if k_new is not None and select_backend(variant, q.device, backend) == "tilelang":
+    if k_new is not None and _append_backend(variant, args, backend) == "tilelang":
         # Append (rotating the new keys, and q into a temporary) with the append kernel, then attend
         # over the updated cache like a call without new keys.
         args = _append_kv(args, q_per_token=is_causal or is_local)
