@@ -339,11 +339,12 @@ DECODE = dispatch.register(dispatch.Op(
                                                    (torch.float8_e4m3fn, False), (torch.float16, True),
                                                    (torch.bfloat16, True))}),
     build=_build_decode, check_case=_decode_check_case, tolerance=_fwd_tolerance,
-    aot_variants=lambda: [{"dtype": dtype, "head_dim": d, "head_dim_v": d, "qv": False, "paged": paged,
-                           "causal": causal, "leftpad": False,
-                           "batch_idx": False, "sink": False, "local": False, "softcap": False, "cp": False,
-                           "varlen_q": False}
-                          for dtype in (torch.bfloat16, torch.float16, torch.float8_e4m3fn) for d in (64, 128, 256)
+    aot_variants=lambda: [{"dtype": dtype, "head_dim": d, "head_dim_v": dv, "qv": dv != d, "paged": paged,
+                           "causal": causal, "leftpad": False, "batch_idx": False, "sink": False, "local": False,
+                           "softcap": False, "cp": False, "varlen_q": False}
+                          for dtype in (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+                          for d, dv in ((64, 64), (128, 128), (256, 256), (64, 256), (64, 512))
+                          if dv == d or dtype != torch.float8_e4m3fn
                           for paged in (False, True) for causal in (False, True)]))
 
 
