@@ -399,10 +399,7 @@ def test_decode_with_qv(dtype, dv, page_size, seqlen_q, causal, heads, num_split
 @pytest.fixture
 def decode_launches(monkeypatch):
     """Counts decode_kernel.launch calls (which still run)."""
-    calls = []
-    launch = decode_kernel.launch
-    monkeypatch.setattr(decode_kernel, "launch", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
-    return calls
+    return testing.count_calls(monkeypatch, decode_kernel, "launch")
 
 
 @pytest.mark.gpu

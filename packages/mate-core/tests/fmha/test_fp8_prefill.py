@@ -165,10 +165,7 @@ def _check(out, lse, exact, exact_lse, low_precision, softcap=0.0):
 @pytest.fixture
 def prefill_launches(monkeypatch):
     """Counts forward_kernel.launch calls (which still run): FP8 prefill must take the prefill kernel."""
-    calls = []
-    launch = forward_kernel.launch
-    monkeypatch.setattr(forward_kernel, "launch", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
-    return calls
+    return testing.count_calls(monkeypatch, forward_kernel, "launch")
 
 
 SEQLENS = [(113, 203), (128, 217), (239, 1), (799, 3), (1023, 1024), (2048, 2048)]

@@ -47,3 +47,12 @@ def assert_within_low_precision_error(actual: torch.Tensor, exact: torch.Tensor,
     error = max_abs_error(actual, exact)
     allowed = multiple * max_abs_error(low_precision, exact) + atol
     assert error <= allowed, f"{what}: max abs error {error:.3e} > allowed {allowed:.3e}"
+
+
+def count_calls(monkeypatch, owner, name: str) -> list[int]:
+    """Wrap owner.name so that each call (which still runs) appends 1 to the returned list: tests
+    that a public call took a given kernel's launcher."""
+    calls: list[int] = []
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    return calls
