@@ -15,6 +15,8 @@ base addresses and strides):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from mate import jit, platform
@@ -46,6 +48,7 @@ def _tile_shape(tile: str, k: int) -> tuple[int, int, int]:
     return cfg["block_m"], cfg["block_n"], fp8_kernel.k_splits(k, cfg.get("splits", 1))
 
 
+@functools.lru_cache(maxsize=4096)  # on every call's path; scoring the small-M buckets takes ~30 us
 def tile_for(m: int, n: int, k: int, layout: str, sms: int = 132, groups: int = 1) -> str:
     """The tile bucket of a call. `m` is the rows per group (masked: the static M_max), `groups`
     the groups of a masked call.
