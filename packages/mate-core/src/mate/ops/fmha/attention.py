@@ -359,7 +359,7 @@ def _decode_variant(variant: dict, args: dict[str, Any]) -> dict | None:
     fp8 = variant["dtype"] == torch.float8_e4m3fn and (few_queries or variant["paged_kv"] or prefill_lacks)
     qv = variant["qv"]
     packed_keys = args["cu_seqlens_k"] is not None  # served as one cache row (see _packed_keys_as_cache)
-    paged = variant["paged_kv"] and not _gathered_prefill_is_faster(variant, args)
+    paged = variant["paged_kv"] and (prefill_lacks or not _gathered_prefill_is_faster(args))
     if (q.dim() != (3 if varlen_q else 4) or not (few_queries or paged or fp8 or prefill_lacks)
             or (variant["head_dim"] != variant["head_dim_v"]) != qv
             or q.shape[-1] != variant["head_dim"] or args["v"].shape[-1] != variant["head_dim_v"]
@@ -374,17 +374,17 @@ def _decode_variant(variant: dict, args: dict[str, Any]) -> dict | None:
             "cp": variant["context_parallel"], "varlen_q": varlen_q}
 
 
-def _gathered_prefill_is_faster(variant: dict, args: dict[str, Any]) -> bool:
-    """Whether a paged call is prefill-dominated enough for the prefill kernel on a gathered dense
-    copy of its pages (2.5x the one-warpgroup decode kernel's throughput at 4k-token prefill on the
-    H100): its queries number at least a quarter of the rows the copy holds (sequences x page-table
-    width x page size), so the copy costs little next to the attention and its memory stays
-    proportional to the queries. Static sizes only (no host sync)."""
+def _gathered_prefill_is_faster(args: dict[str, Any]) -> bool:
+    """Whether a paged call (one the prefill kernel serves) is prefill-dominated enough for the
+    prefill kernel on a gathered dense copy of its pages (2.5x the one-warpgroup decode kernel's
+    throughput at 4k-token prefill on the H100): its queries number at least a quarter of the rows
+    the copy holds (sequences x page-table width x page size), so the copy costs little next to the
+    attention and its memory stays proportional to the queries. Static sizes only (no host sync)."""
     q, table = args["q"], args["page_table"]
     batch, total_q = (q.shape[0], q.shape[0] * q.shape[1]) if args["cu_seqlens_q"] is None else (
         args["cu_seqlens_q"].shape[0] - 1, q.shape[0])
     gathered_rows = batch * table.shape[1] * args["k"].shape[1]
-    return 4 * total_q >= gathered_rows and not FWD.support.violations(variant)
+    return 4 * total_q >= gathered_rows
 
 
 def _append_backend(variant: dict, args: dict[str, Any], backend: str) -> str:
