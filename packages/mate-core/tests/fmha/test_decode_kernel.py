@@ -46,6 +46,12 @@ def test_build_rejects_bad_arguments():
         decode_kernel.build("float32", 128, True, False)
     with pytest.raises(ValueError, match="head_dim"):
         decode_kernel.build("bfloat16", 96, True, False)
+    with pytest.raises(ValueError, match="qv needs"):
+        decode_kernel.build("bfloat16", 128, True, False, head_dim_v=512, qv=True)
+    with pytest.raises(ValueError, match="qv needs"):
+        decode_kernel.build("float8_e4m3fn", 64, True, False, head_dim_v=512, qv=True)
+    with pytest.raises(ValueError, match="head_dim_v equal"):
+        decode_kernel.build("bfloat16", 64, True, False, head_dim_v=512)
 
 
 # ---- host side: what launch hands the kernel (CPU, fake GPU, kernels recorded) --------------------
