@@ -30,8 +30,17 @@ class Support:
     # Features supported only in certain combinations, e.g.
     # {("head_dim", "head_dim_v"): ((128, 128), (192, 128))}.
     combinations: Mapping[tuple[str, ...], tuple] = field(default_factory=dict)
+    # Answers by variant: a call asks several times, and the same few variants recur call after call.
+    _answers: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def violations(self, variant: Mapping[str, Any]) -> list[str]:
+        key = tuple(variant.items())
+        answer = self._answers.get(key)
+        if answer is None:
+            answer = self._answers[key] = tuple(self._violations(variant))
+        return list(answer)
+
+    def _violations(self, variant: Mapping[str, Any]) -> list[str]:
         problems = [
             f"{name}={_show(variant[name])} (supported: {show_values(allowed)})"
             for name, allowed in self.features.items()

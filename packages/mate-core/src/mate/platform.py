@@ -74,6 +74,14 @@ def device_info(device: torch.device | str | None = None) -> DeviceInfo:
     raise ValueError(f"device: got {device}; MATE runs on cuda, musa or cpu devices")
 
 
+def is_capturing(device: torch.device) -> bool:
+    """Whether the current stream of `device` is capturing a graph (CUDA or MUSA)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    musa = _musa_module() if device.type == "musa" else None
+    return musa is not None and bool(getattr(musa, "is_current_stream_capturing", lambda: False)())
+
+
 def _current_index(kind: str) -> int:
     return torch.cuda.current_device() if kind == "cuda" else _musa_module().current_device()
 

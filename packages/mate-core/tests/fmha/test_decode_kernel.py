@@ -34,11 +34,21 @@ def test_num_splits_heuristic():
 def test_varlen_tile_map():
     # Sequences of 1, 2, 0, 8 and 200 queries, 8 query heads per kv head: 64-row tiles of q * 8 rows.
     cu_seqlens_q = torch.tensor([0, 1, 3, 3, 11, 211], dtype=torch.int32)
-    tile_seq, tile_row = decode_kernel._varlen_tiles(cu_seqlens_q, 8, 211)
+    tile_seq, tile_row = decode_kernel._varlen_tiles(cu_seqlens_q, 8, 211, 200)
     tiles = [(seq, row) for seq, row in zip(tile_seq.tolist(), tile_row.tolist(), strict=True) if seq < 5]
     assert tiles == [(0, 0), (1, 0), (3, 0)] + [(4, 64 * t) for t in range(25)]
     # The map has a static length (no host sync): ceil(211 * 8 / 64) + batch entries; the rest is past the end.
     assert tile_seq.shape == (-(-211 * 8 // 64) + 5,) and tile_seq[len(tiles):].eq(5).all()
+
+
+def test_varlen_tile_map_of_decode_is_one_tile_per_sequence():
+    # At most 64 rows per sequence (8 queries x 8 heads): tile t is sequence t from row 0, an empty
+    # sequence included (its tile writes nothing), from cached vectors.
+    cu_seqlens_q = torch.tensor([0, 1, 9, 9, 12], dtype=torch.int32)
+    tile_seq, tile_row = decode_kernel._varlen_tiles(cu_seqlens_q, 8, 12, 8)
+    assert tile_seq.tolist() == [0, 1, 2, 3] and tile_row.tolist() == [0, 0, 0, 0]
+    again, _ = decode_kernel._varlen_tiles(torch.tensor([0, 1, 2], dtype=torch.int32), 4, 2, 1)
+    assert again.tolist() == [0, 1] and again.data_ptr() == tile_seq.data_ptr()
 
 
 def test_build_rejects_bad_arguments():
@@ -57,15 +67,17 @@ def test_build_rejects_bad_arguments():
 # ---- host side: what launch hands the kernel (CPU, fake GPU, kernels recorded) --------------------
 
 def _recorded_launch(monkeypatch, *args, **kwargs):
-    """Run decode_kernel.launch with the kernel and the combine replaced by recorders."""
+    """Run decode_kernel.launch with the kernel and the combine replaced by recorders; returns the
+    kernel call and the combine's arguments (None when the kernel wrote the output itself)."""
     from mate.ops.fmha import api as fmha_api
 
     kernels = kernel_checks.record_kernel_calls(monkeypatch)
     combines = []
     monkeypatch.setattr(fmha_api, "_combine", lambda *combine_args: combines.append(combine_args))
     decode_kernel.launch(*args, **kwargs)
-    (kernel,), (combine,) = kernels, combines
-    return kernel, combine
+    (kernel,) = kernels
+    assert len(combines) <= 1
+    return kernel, combines[0] if combines else None
 
 
 def _assert_combine_views(combine_args):
@@ -86,8 +98,9 @@ LAUNCH_CASES = {
 }
 
 
+@pytest.mark.parametrize("num_splits", [1, 2])
 @pytest.mark.parametrize("case", LAUNCH_CASES)
-def test_launch_arguments_match_the_kernel_signature(monkeypatch, case):
+def test_launch_arguments_match_the_kernel_signature(monkeypatch, case, num_splits):
     opts = LAUNCH_CASES[case]
     dtype, batch, heads_q, heads_k, d = opts["dtype"], 3, 8, 2, 128
     dv = d
@@ -123,9 +136,14 @@ def test_launch_arguments_match_the_kernel_signature(monkeypatch, case):
                       v_descale=torch.rand(batch, heads_k))
     cache_seqlens = torch.tensor([20, 4, 9], dtype=torch.int32)
     kernel, combine = _recorded_launch(monkeypatch, q, k, v, page_table, cache_seqlens, d ** -0.5, True, out, lse,
-                                       num_splits=2, **kwargs)
+                                       num_splits=num_splits, **kwargs)
     kernel_checks.assert_call_matches_signature(kernel)
-    _assert_combine_views(combine)
+    # One split: the kernel writes out and lse in place (no combine).
+    assert kernel.variant["split_kv"] == (num_splits > 1) and (combine is None) == (num_splits == 1)
+    if combine is None:  # out_partial and lse_partial, 11th and 10th from the end, are out and lse
+        assert (kernel.args[-11].data_ptr(), kernel.args[-10].data_ptr()) == (out.data_ptr(), lse.data_ptr())
+    else:
+        _assert_combine_views(combine)
 
 
 @pytest.mark.parametrize("paged", [False, True])
@@ -199,6 +217,10 @@ COMPILE_VARIANTS = [
                   "causal": True}, id="bf16-qv-64-512-paged-causal"),
     pytest.param({"dtype": torch.float16, "head_dim": 64, "head_dim_v": 256, "qv": True, "paged": False,
                   "causal": False}, id="fp16-qv-64-256-dense"),
+    pytest.param({"dtype": torch.bfloat16, "head_dim": 128, "paged": True, "causal": True, "varlen_q": True,
+                  "split_kv": False}, id="bf16-d128-paged-varlen-one-split"),
+    pytest.param({"dtype": torch.float8_e4m3fn, "head_dim": 128, "paged": False, "causal": False,
+                  "split_kv": False}, id="fp8-d128-dense-one-split"),
 ]
 
 
@@ -210,8 +232,12 @@ def test_kernel_compiles_for_sm90a(var):
     seconds = time.perf_counter() - start
     src = kernel.get_kernel_source()
     # Sizes are runtime values: one kernel for every batch, head count, split count, page size.
-    for name in ("int batch", "int num_splits", "int heads_q", "int heads_k", "int seqlen_q", "int kv0"):
+    for name in ("int batch", "int heads_q", "int heads_k", "int seqlen_q", "int kv0"):
         assert name in src
+    # One split writes the output dtype itself; splits write float32 partials for the combine.
+    split_kv = var.get("split_kv", True)
+    assert ("int num_splits" in src) == split_kv
+    assert ("float* __restrict__ out_partial" in src) == split_kv
     if var["paged"]:
         assert "int max_pages" in src and "int page_size" in src  # page size: a runtime value
     # K / V rows arrive as 16-byte cp.async gathers through a 3-slot ring: two blocks in flight.

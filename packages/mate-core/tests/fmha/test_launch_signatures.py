@@ -64,13 +64,13 @@ def test_kvcache_with_append_and_rotary(monkeypatch, page_size, seqlen_q):
                             rotary_sin=angles.sin().to(torch.bfloat16), cache_seqlens=cache_seqlens,
                             page_table=page_table, causal=True, num_splits=3)
     decode_or_prefill = ("fmha.decode_splitkv", "fmha.flash_attn_combine") if page_table is not None or seqlen_q <= 8 \
-        else ("fmha.attention_forward",)
+        else ("fmha.attention_forward",)  # 3 splits: the decode kernel's partials are combined
     _check(calls, ["fmha.kvcache_append", *decode_or_prefill])
 
 
 @pytest.mark.parametrize("total_q, max_seqlen_q, ops", [
     (20, 17, ["fmha.fp8_v_transpose", "fmha.attention_forward"]),  # prefill
-    (11, 8, ["fmha.decode_splitkv", "fmha.flash_attn_combine"]),  # decode-size
+    (11, 8, ["fmha.decode_splitkv"]),  # decode-size, one split: no combine
 ])
 def test_fp8_varlen_packed_keys(monkeypatch, total_q, max_seqlen_q, ops):
     calls = kernel_checks.record_kernel_calls(monkeypatch)
@@ -94,11 +94,11 @@ def test_fp8_fixed_length_and_dense_cache(monkeypatch, seqlen_q):
     q, k, v = (_randn(gen, 2, n, 4, 128, dtype=fp8) for n in (seqlen_q, 64, 64))
     flash_attn_varlen_func(q, k[:, :, :2], v[:, :, :2], q_descale=torch.rand(2, 2))
     prefill = ["fmha.fp8_v_transpose", "fmha.attention_forward"]
-    decode = ["fmha.decode_splitkv", "fmha.flash_attn_combine"]
+    decode = ["fmha.decode_splitkv"]  # one split: no combine
     _check(calls, prefill if seqlen_q > 8 else decode)
     calls.clear()
     k_cache, v_cache = (_randn(gen, 3, 96, 2, 128, dtype=fp8) for _ in range(2))
     flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([70, 50], dtype=torch.int32),
                             cache_batch_idx=torch.tensor([2, 0], dtype=torch.int32),
-                            cache_leftpad=torch.tensor([3, 0], dtype=torch.int32), causal=True)
-    _check(calls, prefill if seqlen_q > 8 else decode)
+                            cache_leftpad=torch.tensor([3, 0], dtype=torch.int32), causal=True, num_splits=2)
+    _check(calls, prefill if seqlen_q > 8 else decode + ["fmha.flash_attn_combine"])

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from mate import checks, dispatch, platform
+from mate import checks, constants, dispatch, platform
 from mate.api import call_op, mate_api
 from mate.ops.fmha import reference
 
@@ -341,7 +341,8 @@ DECODE = dispatch.register(dispatch.Op(
     build=_build_decode, check_case=_decode_check_case, tolerance=_fwd_tolerance,
     aot_variants=lambda: [{"dtype": dtype, "head_dim": d, "head_dim_v": dv, "qv": dv != d, "paged": paged,
                            "causal": causal, "leftpad": False, "batch_idx": False, "sink": False, "local": False,
-                           "softcap": False, "cp": False, "varlen_q": False}
+                           "softcap": False, "cp": False, "varlen_q": False, "split_kv": split_kv}
+                          for split_kv in (False, True)
                           for dtype in (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
                           for d, dv in ((64, 64), (128, 128), (256, 256), (64, 256), (64, 512))
                           if dv == d or dtype != torch.float8_e4m3fn
@@ -429,6 +430,8 @@ def _kernel_window(causal: bool, window: tuple[int, int], max_seqlen_q: int, max
 
 
 def _cu_seqlens_of_fixed(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
+    if seqlen == 1:  # decode: cached, no launch
+        return constants.iota(batch + 1, device)
     return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
 
 
@@ -540,8 +543,10 @@ def _append_kv(args: dict[str, Any], q_per_token: bool) -> dict[str, Any]:
     q_flat = q
     if cu_q is None:
         cu_q, q_flat = _cu_seqlens_of_fixed(q.shape[0], q.shape[1], device), q.reshape(-1, *q.shape[2:])
-    if cu_new is None:
-        cu_new = _cu_seqlens_of_fixed(k_new.shape[0], k_new.shape[1], device)
+    fixed_new = cu_new is None
+    if fixed_new:
+        new_rows = k_new.shape[1]
+        cu_new = _cu_seqlens_of_fixed(k_new.shape[0], new_rows, device)
         k_new, v_new = k_new.reshape(-1, *k_new.shape[2:]), v_new.reshape(-1, *v_new.shape[2:])
     cos, sin = args["rotary_cos"], args["rotary_sin"]
     q_flat = q_flat.contiguous()
@@ -561,7 +566,7 @@ def _append_kv(args: dict[str, Any], q_per_token: bool) -> dict[str, Any]:
         v.copy_(v_cache)
     return {**args, "q": q if q_rot is None else q_rot.view(q.shape), "k_new": None, "v_new": None,
             "cu_seqlens_k_new": None, "rotary_cos": None, "rotary_sin": None, "seqlens_rotary": None,
-            "seqused_k": (cache_seqlens + (cu_new[1:] - cu_new[:-1])).to(torch.int32)}
+            "seqused_k": cache_seqlens + new_rows if fixed_new else (cache_seqlens + cu_new.diff()).to(torch.int32)}
 
 
 # ---- the custom ops ------------------------------------------------------------------------

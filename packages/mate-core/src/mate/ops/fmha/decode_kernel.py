@@ -3,8 +3,8 @@
 fixed or varlen, mixed prefill/decode batches included).
 
 ``build(dtype, head_dim, paged, causal, leftpad, batch_idx, sink, local, softcap, cp, varlen_q,
-head_dim_v, qv)`` returns an uncompiled ``T.prim_func``. Only those static parameters and the tile configuration
-are baked in; batch, query counts, head counts, the cache's sizes (page count, page size,
+head_dim_v, qv, split_kv)`` returns an uncompiled ``T.prim_func``. Only those static parameters and the
+tile configuration are baked in; batch, query counts, head counts, the cache's sizes (page count, page size,
 seqlen_cache), num_splits and the cache_seqlens values are runtime values, so one compiled kernel
 serves every size and every page size (1 included). Parameters of the prim_func, in order:
 
@@ -24,6 +24,9 @@ serves every size and every page size (1 included). Parameters of the prim_func,
     q/k/v_descale  float32  (batch, heads_k) dequantization factors         (float8 dtype)
     out_partial    float32  (num_splits, total_q, heads_q, dv)                contiguous, written
     lse_partial    float32  (num_splits, heads_q, total_q)                    contiguous, written
+                   without split_kv (one split, no combine): out (total_q, heads_q, dv) in the
+                   output dtype (bfloat16 for FP8) and lse flat: (heads_q, total_q) with varlen_q,
+                   else (batch, heads_q, max_seqlen_q)
     tile_count     int32    tiles in the grid
     max_seqlen_q   int32    queries per sequence (the most, with varlen_q)
     softmax_scale  float32
@@ -85,6 +88,9 @@ import functools
 import math
 
 import tilelang.language as T
+import torch
+
+from mate import constants, jit, platform
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -115,7 +121,8 @@ def default_config(head_dim: int, head_dim_v: int | None = None) -> tuple[int, i
 
 def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False, batch_idx: bool = False,
           sink: bool = False, local: bool = False, softcap: bool = False, cp: bool = False, varlen_q: bool = False,
-          head_dim_v: int | None = None, qv: bool = False, block_n: int | None = None, stages: int | None = None):
+          head_dim_v: int | None = None, qv: bool = False, split_kv: bool = True, block_n: int | None = None,
+          stages: int | None = None):
     """Build the decode prim_func (not compiled). See the module docstring."""
     dtype = str(dtype).replace("torch.", "")
     if dtype not in DTYPES:
@@ -151,6 +158,12 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
     NEG_INF = -T.infinity(acc)
 
     batch, total_q, heads_q, heads_k, num_splits = T.dynamic("batch, total_q, heads_q, heads_k, num_splits")
+    n_lse = T.dynamic("n_lse")
+    # Without split_kv the kernel is the whole attention: out in the output dtype and lse in the
+    # caller's layout, (heads_q, total_q) with varlen_q, else (batch, heads_q, max_seqlen_q).
+    out_dtype = "bfloat16" if fp8 else dtype
+    out_shape = (num_splits, total_q, heads_q, DV) if split_kv else (total_q, heads_q, DV)
+    lse_shape = (num_splits, heads_q, total_q) if split_kv else (n_lse,)
     kv0, kv1, cache_rows, max_pages = T.dynamic("kv0, kv1, cache_rows, max_pages")
     n_idx, n_pad, n_sink, n_tot, n_cu, n_tiles = T.dynamic("n_idx, n_pad, n_sink, n_tot, n_cu, n_tiles")
     n_desc0, n_desc1 = T.dynamic("n_desc0, n_desc1")
@@ -212,7 +225,7 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
              cache_leftpad, sinks, cp_total, q_descale, k_descale, v_descale, out_partial, lse_partial, tile_count,
              max_seqlen_q, softmax_scale, window_left, window_right, attention_chunk, softcap_value, cp_world_size,
              cp_rank):
-        with T.Kernel(tile_count, num_splits, heads_k, threads=threads) as (bt, bs, kh):
+        with T.Kernel(tile_count, num_splits if split_kv else 1, heads_k, threads=threads) as (bt, bs, kh):
             q_s = T.alloc_shared((bm, D), dtype)
             k_s = T.alloc_shared((ring, bn, D), dtype)
             v_s = T.alloc_shared((ring, bn, DV), dtype)
@@ -270,7 +283,7 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
             blk_first = T.alloc_var("int32", init=T.truncdiv(key_lo, bn))
             n_blocks = T.alloc_var("int32", init=T.if_then_else(key_hi >= key_lo and r0 < rows,
                                                                 T.truncdiv(key_hi, bn) - blk_first + 1, 0))
-            per = T.alloc_var("int32", init=T.ceildiv(n_blocks, num_splits))
+            per = T.alloc_var("int32", init=T.ceildiv(n_blocks, num_splits) if split_kv else n_blocks)
             blk_lo = T.alloc_var("int32", init=blk_first + T.min(bs * per, n_blocks))
             blk_end = T.alloc_var("int32", init=blk_first + T.min(bs * per + per, n_blocks))
             empty = blk_end <= blk_lo
@@ -364,13 +377,21 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
             for i, j in T.Parallel(bm, DV):
                 r = r0 + i
                 if r < rows:
-                    out_partial[bs, q_start + r // group, kh * group + r % group, j] = T.if_then_else(
-                        row_sum[i] > 0, o[i, j] * value_scale / row_sum[i], 0)
+                    value = T.if_then_else(row_sum[i] > 0, o[i, j] * value_scale / row_sum[i], 0)
+                    if split_kv:
+                        out_partial[bs, q_start + r // group, kh * group + r % group, j] = value
+                    else:
+                        out_partial[q_start + r // group, kh * group + r % group, j] = T.Cast(out_dtype, value)
             for i in T.Parallel(bm):
                 r = r0 + i
                 if r < rows:
-                    lse_partial[bs, kh * group + r % group, q_start + r // group] = T.if_then_else(
-                        row_sum[i] > 0, (m[i] * cs + T.log2(row_sum[i])) * LN2, NEG_INF)
+                    value = T.if_then_else(row_sum[i] > 0, (m[i] * cs + T.log2(row_sum[i])) * LN2, NEG_INF)
+                    if split_kv:
+                        lse_partial[bs, kh * group + r % group, q_start + r // group] = value
+                    elif varlen_q:
+                        lse_partial[(kh * group + r % group) * total_q + q_start + r // group] = value
+                    else:  # q_start = b * max_seqlen_q
+                        lse_partial[(q_start * heads_q + (kh * group + r % group) * max_seqlen_q) + r // group] = value
 
     @T.prim_func
     def flash_attn_decode(
@@ -390,8 +411,8 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
         q_descale: T.Tensor((n_desc0, n_desc1), acc),
         k_descale: T.Tensor((n_desc0, n_desc1), acc),
         v_descale: T.Tensor((n_desc0, n_desc1), acc),
-        out_partial: T.Tensor((num_splits, total_q, heads_q, DV), acc),
-        lse_partial: T.Tensor((num_splits, heads_q, total_q), acc),
+        out_partial: T.Tensor(out_shape, acc if split_kv else out_dtype),
+        lse_partial: T.Tensor(lse_shape, acc),
         tile_count: T.int32, max_seqlen_q: T.int32, softmax_scale: T.float32, window_left: T.int32,
         window_right: T.int32, attention_chunk: T.int32, softcap_value: T.float32, cp_world_size: T.int32,
         cp_rank: T.int32,
@@ -456,9 +477,6 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
     heads_q, seqlen_q), or (heads_q, total_q) with cu_seqlens_q) are written in place.
     num_splits <= 0 picks the count from static sizes.
     """
-    import torch
-
-    from mate import jit, platform
     from mate.ops.fmha.api import _combine
     from mate.ops.fmha.attention import DECODE
 
@@ -477,13 +495,6 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
     info = platform.device_info(device)
     left, right = int(window[0]), int(window[1])
     cp = cp_world_size > 1
-    if kernel is None:
-        var = {"dtype": q.dtype, "head_dim": d, "paged": paged, "causal": bool(causal),
-               "leftpad": cache_leftpad is not None, "batch_idx": cache_batch_idx is not None,
-               "sink": learnable_sink is not None,
-               "local": left >= 0 or (right >= 0 and not causal) or attention_chunk > 0,
-               "softcap": softcap > 0, "cp": cp, "varlen_q": varlen_q, "head_dim_v": dv, "qv": qv is not None}
-        kernel = jit.get_kernel(DECODE.name, var, info.tilelang_target, DECODE.build)
     max_seqlen_k = page_table.shape[1] * k.shape[1] if paged else k.shape[1]
     # Keys a query can see at most, for the split count (a window or chunk bounds them).
     span = max_seqlen_k
@@ -496,11 +507,25 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
         num_splits = num_splits_heuristic(batch, heads_k, -(-rows // BLOCK_M), -(-span // max(cp_world_size, 1)), d,
                                           info.multiprocessors, head_dim_v=dv)
     num_splits = max(1, min(int(num_splits), MAX_SPLITS))
+    # One split writes out and lse itself (no combine), as upstream does; the combine stays for
+    # splits and for outputs the kernel cannot address (a strided out=).
+    split_kv = num_splits > 1 or not (out.is_contiguous() and softmax_lse.is_contiguous())
+    if kernel is None:
+        var = {"dtype": q.dtype, "head_dim": d, "paged": paged, "causal": bool(causal),
+               "leftpad": cache_leftpad is not None, "batch_idx": cache_batch_idx is not None,
+               "sink": learnable_sink is not None,
+               "local": left >= 0 or (right >= 0 and not causal) or attention_chunk > 0,
+               "softcap": softcap > 0, "cp": cp, "varlen_q": varlen_q, "head_dim_v": dv, "qv": qv is not None,
+               "split_kv": split_kv}
+        kernel = jit.get_kernel(DECODE.name, var, info.tilelang_target, DECODE.build)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    # The kernel writes every query row once per split: (splits, total_q, heads, d) and its LSE
-    # (splits, heads, total_q); the combine reads them as (splits, batch, seqlen, heads, d) views.
-    out_partial = torch.empty(num_splits, total_q, heads_q, dv, dtype=torch.float32, device=device)
-    lse_partial = torch.empty(num_splits, heads_q, total_q, dtype=torch.float32, device=device)
+    if split_kv:
+        # The kernel writes every query row once per split: (splits, total_q, heads, d) and its LSE
+        # (splits, heads, total_q); the combine reads them as (splits, batch, seqlen, heads, d) views.
+        out_partial = torch.empty(num_splits, total_q, heads_q, dv, dtype=torch.float32, device=device)
+        lse_partial = torch.empty(num_splits, heads_q, total_q, dtype=torch.float32, device=device)
+    else:
+        out_partial, lse_partial = out.view(total_q, heads_q, dv), softmax_lse.view(-1)
     if seqused_k is None:
         seqused_k = torch.full((batch,), max_seqlen_k, dtype=torch.int32, device=device)
     seqused_k = seqused_k.to(torch.int32).contiguous()
@@ -508,17 +533,18 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
     def int_vector(value):  # an unused flag's tensor is never read: pass seqused_k
         return seqused_k if value is None else value.to(torch.int32).contiguous()
 
-    sinks = lse_partial.view(-1) if learnable_sink is None else learnable_sink.to(torch.float32).contiguous()
+    unread = constants.unread_float(device)  # stands for the float32 inputs a kernel variant does not read
+    sinks = unread.view(-1) if learnable_sink is None else learnable_sink.to(torch.float32).contiguous()
     if q.dtype == torch.float8_e4m3fn:  # float32 (batch, heads_k) descales, 1 where not given
         ones = None if all(t is not None for t in (q_descale, k_descale, v_descale)) else torch.ones(
             batch, heads_k, dtype=torch.float32, device=device)
         descales = [ones if t is None else t.to(torch.float32).expand(batch, heads_k).contiguous()
                     for t in (q_descale, k_descale, v_descale)]
-    else:  # never read by an fp16/bf16 kernel
-        descales = [lse_partial.view(-1)[:1].view(1, 1)] * 3
+    else:
+        descales = (unread,) * 3
     table = page_table.to(torch.int32).contiguous() if paged else seqused_k.view(1, -1)  # not read when dense
     if varlen_q:
-        tile_seq, tile_row = _varlen_tiles(cu_seqlens_q.to(torch.int32), heads_q // heads_k, total_q)
+        tile_seq, tile_row = _varlen_tiles(cu_seqlens_q, heads_q // heads_k, total_q, seqlen_q)
         tile_count = tile_seq.shape[0]
     else:
         tile_seq = tile_row = seqused_k
@@ -529,6 +555,8 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
            *descales, out_partial, lse_partial, tile_count,
            seqlen_q, float(softmax_scale), left, right, int(attention_chunk), float(softcap),
            int(cp_world_size) if cp else 1, int(cp_rank) if cp else 0)
+    if not split_kv:
+        return
     if varlen_q:  # one "batch" of total_q rows; the LSE is (heads, total_q)
         _combine(out_partial.view(num_splits, 1, total_q, heads_q, dv),
                  lse_partial.view(num_splits, heads_q, 1, total_q).permute(0, 2, 3, 1),
@@ -539,16 +567,18 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
                  out, softmax_lse.transpose(1, 2))
 
 
-def _varlen_tiles(cu_seqlens_q, group: int, total_q: int):
+def _varlen_tiles(cu_seqlens_q, group: int, total_q: int, max_seqlen_q: int):
     """The varlen tile map, on the device without a host sync: tile t covers rows tile_row[t] ..
     + 63 of sequence tile_seq[t] (== batch past the last tile). Its length, an upper bound on the
-    tiles that static sizes give, is ceil(total_q * group / 64) + batch."""
-    import torch
-
+    tiles that static sizes give, is ceil(total_q * group / 64) + batch. When every sequence fits
+    one tile (decode), tile t is sequence t from row 0: cached constants, no kernel launches."""
     batch = cu_seqlens_q.shape[0] - 1
+    if max_seqlen_q * group <= BLOCK_M:
+        return constants.iota(batch, cu_seqlens_q.device), constants.zeros(batch, cu_seqlens_q.device)
     tiles = (cu_seqlens_q.diff() * group + BLOCK_M - 1) // BLOCK_M
     ends = tiles.cumsum(0, dtype=torch.int32)
     index = torch.arange(-(-total_q * group // BLOCK_M) + batch, dtype=torch.int32, device=cu_seqlens_q.device)
     tile_seq = torch.searchsorted(ends, index, right=True, out_int32=True)
     first = (ends - tiles).index_select(0, tile_seq.clamp(max=batch - 1))
     return tile_seq, (index - first) * BLOCK_M
+
