@@ -29,13 +29,16 @@ def test_jit_off_refuses_a_missing_variant_and_names_the_command(fresh_cache, mo
 @pytest.mark.compile
 def test_disk_cache_is_reused_and_jit_off_accepts_built_variants(fresh_cache, monkeypatch):
     before = dict(jit.stats)
-    jit.get_kernel(COMBINE.name, VARIANT, SM90, COMBINE.build)
+    kernel = jit.get_kernel(COMBINE.name, VARIANT, SM90, COMBINE.build)
     assert jit.stats["compiled"] == before["compiled"] + 1
     assert [r["variant"] for r in jit.built_variants()] == [jit.variant_id(COMBINE.name, VARIANT, SM90)]
     monkeypatch.setattr(jit, "_kernels", {})  # as a new process would start
     monkeypatch.setenv("MATE_JIT", "0")
-    jit.get_kernel(COMBINE.name, VARIANT, SM90, COMBINE.build)
+    loaded = jit.get_kernel(COMBINE.name, VARIANT, SM90, COMBINE.build)
     assert jit.stats["loaded"] == before["loaded"] + 1
+    # Both enter TVM-FFI directly, not through TileLang's per-call Python wrapper.
+    for k in (kernel, loaded):
+        assert k.torch_function is not k.adapter.func and type(k.torch_function).__name__ == "Function"
 
 
 REBUILD = """

@@ -121,7 +121,10 @@ def _call_directly(kernel: Any) -> None:
     if getattr(adapter, "result_idx", None) != [] or not hasattr(adapter, "_get_executable"):
         return
     try:
-        kernel.torch_function = adapter._get_executable().jit().main
+        executable = adapter._get_executable()
+        # A fresh compile holds a tvm Executable (linked on first use); a disk-cache load, the module.
+        module = executable.jit() if hasattr(executable, "jit") else executable
+        kernel.torch_function = module.main
     except Exception:  # noqa: BLE001 (an internal layout this TileLang does not have: keep its wrapper)
         return
 
