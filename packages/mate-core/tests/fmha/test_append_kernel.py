@@ -19,7 +19,7 @@ pytest.importorskip("tilelang")
 from mate.ops.fmha import append_kernel  # noqa: E402
 
 ATOL = {torch.bfloat16: 4e-3, torch.float16: 5e-4}
-ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}  # relative spacing: one rounding step
+ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float8_e4m3fn: 2.0**-3}  # one rounding step
 
 LAYOUTS = ["dense", "batch_idx", "leftpad", "page1", "page16", "page256"]
 ROTARY = [None, "interleaved", "neox"]
@@ -95,11 +95,11 @@ def _reference(args, causal, **features):
     return out, lse, k_cache, v_cache
 
 
-def _check(out, lse, k_cache, v_cache, expected):
+def _check(out, lse, k_cache, v_cache, expected, lse_tolerance=2e-3):
     exact, exact_lse, k_want, v_want = expected
     testing.assert_within_low_precision_error(out, exact, exact.to(out.dtype), atol=ATOL[out.dtype])
     assert torch.equal(lse.isinf(), exact_lse.isinf())
-    assert testing.max_abs_error(lse, exact_lse) <= 2e-3
+    assert testing.max_abs_error(lse, exact_lse) <= lse_tolerance
     # The caches: every element as the reference wrote it, to one rounding step (FMA contraction).
     for got, want in ((k_cache, k_want), (v_cache, v_want)):
         torch.testing.assert_close(got.float(), want.float(), rtol=ULP[got.dtype], atol=1e-6)
@@ -114,6 +114,25 @@ def test_kvcache_append(layout, rotary, seqlen_q, seqlen_k, seqlen_new, causal, 
     out, lse = flash_attn_with_kvcache(**args, causal=causal, return_softmax_lse=True)
     torch.cuda.synchronize()
     _check(out, lse, args["k_cache"], args["v_cache"], expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["dense", "page16"])
+@pytest.mark.parametrize("rotary", ROTARY)
+@pytest.mark.parametrize("seqlen_q", [1, 40])
+def test_kvcache_append_fp8(layout, rotary, seqlen_q):
+    # An FP8 cache with new FP8 keys (rotated in float32, rounded back to e4m3 as upstream does) and
+    # per-(sequence, kv head) descales: the decode kernel attends after, or the FP8 prefill kernel for
+    # 40 queries over a dense cache.
+    fp8 = torch.float8_e4m3fn
+    seed = testing.seed_for(f"append-fp8{layout}{rotary}{seqlen_q}")
+    args = _inputs(layout, rotary, seqlen_q, 339, seqlen_q, fp8, 128, seed)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    descales = {name: torch.rand(3, 2, generator=gen, device="cuda") + 0.5
+                for name in ("q_descale", "k_descale", "v_descale")}
+    expected = _reference(args, True, **descales)
+    out, lse = flash_attn_with_kvcache(**args, **descales, causal=True, return_softmax_lse=True)
+    _check(out, lse, args["k_cache"], args["v_cache"], expected, lse_tolerance=5e-3)
 
 
 @pytest.mark.gpu
@@ -222,7 +241,8 @@ def test_launch_argument_order():
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("dtype, head_dim, head_dim_v", [("bfloat16", 128, 128), ("float16", 192, 128)])
+@pytest.mark.parametrize("dtype, head_dim, head_dim_v", [("bfloat16", 128, 128), ("float16", 192, 128),
+                                                      ("float8_e4m3fn", 128, 128)])
 def test_append_kernel_compiles_for_sm90a(dtype, head_dim, head_dim_v):
     start = time.perf_counter()
     kernel = jit.get_kernel("fmha.kvcache_append", {"dtype": dtype, "head_dim": head_dim, "head_dim_v": head_dim_v},

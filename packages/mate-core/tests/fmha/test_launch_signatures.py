@@ -43,28 +43,30 @@ def test_prefill_varlen(monkeypatch, dtype, head_dim, head_dim_v, extras):
     _check(calls, ["fmha.attention_forward"] + (["fmha.fp8_v_transpose"] if dtype == torch.float8_e4m3fn else []))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
 @pytest.mark.parametrize("page_size", [None, 1, 64])
 @pytest.mark.parametrize("seqlen_q", [1, 40])
-def test_kvcache_with_append_and_rotary(monkeypatch, page_size, seqlen_q):
+def test_kvcache_with_append_and_rotary(monkeypatch, dtype, page_size, seqlen_q):
     calls = kernel_checks.record_kernel_calls(monkeypatch)
-    gen = testing.generator(f"launch-kvcache{page_size}{seqlen_q}")
+    gen = testing.generator(f"launch-kvcache{dtype}{page_size}{seqlen_q}")
     batch, heads, heads_k, d, capacity = 2, 8, 2, 128, 256
     if page_size is None:
-        k_cache, v_cache = (_randn(gen, batch, capacity, heads_k, d) for _ in range(2))
+        k_cache, v_cache = (_randn(gen, batch, capacity, heads_k, d, dtype=dtype) for _ in range(2))
         page_table = None
     else:
         pages = capacity // page_size
-        k_cache, v_cache = (_randn(gen, batch * pages, page_size, heads_k, d) for _ in range(2))
+        k_cache, v_cache = (_randn(gen, batch * pages, page_size, heads_k, d, dtype=dtype) for _ in range(2))
         page_table = torch.randperm(batch * pages, generator=gen).to(torch.int32).view(batch, pages)
-    q = _randn(gen, batch, seqlen_q, heads, d)
-    k_new, v_new = _randn(gen, batch, seqlen_q, heads_k, d), _randn(gen, batch, seqlen_q, heads_k, d)
+    q = _randn(gen, batch, seqlen_q, heads, d, dtype=dtype)
+    k_new, v_new = (_randn(gen, batch, seqlen_q, heads_k, d, dtype=dtype) for _ in range(2))
     angles = torch.rand(capacity, d // 2, generator=gen)
     cache_seqlens = torch.tensor([100, 7], dtype=torch.int32)
-    flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, rotary_cos=angles.cos().to(torch.bfloat16),
-                            rotary_sin=angles.sin().to(torch.bfloat16), cache_seqlens=cache_seqlens,
+    flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, rotary_cos=angles.cos().to(dtype),
+                            rotary_sin=angles.sin().to(dtype), cache_seqlens=cache_seqlens,
                             page_table=page_table, causal=True, num_splits=3)
+    prefill = ("fmha.attention_forward",) + (("fmha.fp8_v_transpose",) if dtype == torch.float8_e4m3fn else ())
     decode_or_prefill = ("fmha.decode_splitkv", "fmha.flash_attn_combine") if page_table is not None or seqlen_q <= 8 \
-        else ("fmha.attention_forward",)  # 3 splits: the decode kernel's partials are combined
+        else prefill  # 3 splits: the decode kernel's partials are combined
     _check(calls, ["fmha.kvcache_append", *decode_or_prefill])
 
 

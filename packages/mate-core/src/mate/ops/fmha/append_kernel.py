@@ -49,7 +49,7 @@ then rotates one channel pair per thread and iteration.
 
 import tilelang.language as T
 
-DTYPES = ("float16", "bfloat16")
+DTYPES = ("float16", "bfloat16", "float8_e4m3fn")  # FP8: rotation in float32, rounded back to e4m3
 TOKENS = 8  # rows per block
 THREADS = 128
 PASS_CONFIGS = {"tl.enable_fast_math": False}

@@ -105,9 +105,6 @@ FWD_SUPPORT = dispatch.Support({
     "context_parallel": (False,),
 }, combinations={
     ("head_dim", "head_dim_v"): ((64, 64), (96, 96), (128, 128), (192, 192), (256, 256), (192, 128)),
-    # FP8 attends over caches as they are: the append kernel writes fp16/bf16 only.
-    ("dtype", "append_kv"): ((torch.float16, False), (torch.float16, True), (torch.bfloat16, False),
-                             (torch.bfloat16, True), (torch.float8_e4m3fn, False)),
 })
 
 
@@ -284,12 +281,13 @@ def _append_check_case(device: torch.device):
 
 APPEND = dispatch.register(dispatch.Op(
     name="fmha.kvcache_append", family="fmha",
-    support=dispatch.Support({"dtype": (torch.float16, torch.bfloat16), "head_dim": (64, 96, 128, 192, 256),
-                              "head_dim_v": (64, 96, 128, 192, 256)},
+    support=dispatch.Support({"dtype": (torch.float16, torch.bfloat16, torch.float8_e4m3fn),
+                              "head_dim": (64, 96, 128, 192, 256), "head_dim_v": (64, 96, 128, 192, 256)},
                              combinations={("head_dim", "head_dim_v"): APPEND_HEAD_DIMS}),
     build=_build_append, check_case=_append_check_case, tolerance=_fwd_tolerance,
     aot_variants=lambda: [{"dtype": dtype, "head_dim": d, "head_dim_v": dv}
-                          for dtype in (torch.bfloat16, torch.float16) for d, dv in APPEND_HEAD_DIMS]))
+                          for dtype in (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+                          for d, dv in APPEND_HEAD_DIMS]))
 
 
 # The split-KV decode kernel (mate.ops.fmha.decode_kernel): 1-8 queries per sequence (fixed or
