@@ -1,7 +1,8 @@
 """Split-KV decode (flash_attn_with_kvcache, no append): achieved KV-read bandwidth vs the
 measured copy bandwidth (goal >= 85%) for batch 128, 32 q heads / 8 kv heads, d 128, 8192 cached
-tokens, paged KV with page size 64 and 1, plus a dense cache, a small-batch (split) shape and an FP8
-(e4m3) cache, whose bytes are half.
+tokens, paged KV with page size 64 and 1, plus a dense cache, a small-batch (split) shape, an FP8
+(e4m3) cache, whose bytes are half, and qv (SGLang's FA3 backend for DeepSeek's MLA: 16 query heads,
+one kv head of d 64 (rope keys) with dv 512 (the latent cache), qv the absorbed query).
 
 Second table: prefill-size queries on a paged cache (vLLM's prefill with a block table): TFLOP/s
 of this kernel on a page-64 cache, of flash_attn_with_kvcache on it (which routes such
@@ -26,7 +27,8 @@ from mate.ops.fmha import decode_kernel
 from mate.testing import bench
 
 BF16, FP8 = torch.bfloat16, torch.float8_e4m3fn
-# (batch, heads_q, heads_k, head_dim, cached tokens, page_size or None for dense, seqlen_q, dtype)
+# (batch, heads_q, heads_k, head_dim, cached tokens, page_size or None for dense, seqlen_q, dtype[, head_dim_v
+# with qv])
 SHAPES = [
     (128, 32, 8, 128, 8192, 64, 1, BF16),
     (128, 32, 8, 128, 8192, 1, 1, BF16),
@@ -34,6 +36,8 @@ SHAPES = [
     (128, 32, 8, 128, 8192, 64, 4, BF16),
     (4, 32, 8, 128, 32768, 64, 1, BF16),
     (128, 32, 8, 128, 8192, 64, 1, FP8),
+    (128, 16, 1, 64, 8192, 64, 1, BF16, 512),
+    (128, 16, 1, 64, 8192, 1, 1, BF16, 512),
 ]
 
 
@@ -41,21 +45,19 @@ def _randn(*shape, dtype):
     return torch.randn(*shape, device="cuda").to(dtype)
 
 
-def _inputs(batch, heads_q, heads_k, d, seqlen, page_size, seqlen_q, dtype):
+def _inputs(batch, heads_q, heads_k, d, seqlen, page_size, seqlen_q, dtype, dv=None):
     q = _randn(batch, seqlen_q, heads_q, d, dtype=dtype)
-    if page_size is None:
-        k = _randn(batch, seqlen, heads_k, d, dtype=dtype)
-        v = _randn(batch, seqlen, heads_k, d, dtype=dtype)
-        page_table = None
-    else:
-        pages = seqlen // page_size
-        k = _randn(batch * pages, page_size, heads_k, d, dtype=dtype)
-        v = _randn(batch * pages, page_size, heads_k, d, dtype=dtype)
-        page_table = torch.randperm(batch * pages, device="cuda", dtype=torch.int32).view(batch, pages)
+    qv = None if dv is None else _randn(batch, seqlen_q, heads_q, dv, dtype=dtype)
+    dv = dv or d
+    rows = (batch, seqlen) if page_size is None else (batch * seqlen // page_size, page_size)
+    k = _randn(*rows, heads_k, d, dtype=dtype)
+    v = _randn(*rows, heads_k, dv, dtype=dtype)
+    page_table = None if page_size is None else torch.randperm(rows[0], device="cuda", dtype=torch.int32).view(
+        batch, -1)
     cache_seqlens = torch.full((batch,), seqlen, dtype=torch.int32, device="cuda")
-    out = torch.empty(q.shape, dtype=BF16 if dtype == FP8 else dtype, device="cuda")
+    out = torch.empty(batch, seqlen_q, heads_q, dv, dtype=BF16 if dtype == FP8 else dtype, device="cuda")
     lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32, device="cuda")
-    return q, k, v, page_table, cache_seqlens, out, lse
+    return q, k, v, page_table, cache_seqlens, out, lse, qv
 
 
 # (batch, heads_q, heads_k, head_dim, seqlen (queries = cached keys), page_size, causal)
@@ -119,18 +121,19 @@ def main() -> None:
     print(f"{bench.gpu_name()}: measured copy bandwidth {copy_gbs:.0f} GB/s")
     rows = []
     for shape in SHAPES:
-        batch, heads_q, heads_k, d, seqlen, page_size, seqlen_q, dtype = shape
-        kv_bytes = 2 * batch * seqlen * heads_k * d * dtype.itemsize
+        batch, heads_q, heads_k, d, seqlen, page_size, seqlen_q, dtype, *dv = shape
+        kv_bytes = batch * seqlen * heads_k * (d + (dv[0] if dv else d)) * dtype.itemsize
         copies = bench.copies_to_exceed_l2(kv_bytes)
         arg_sets = [_inputs(*shape) for _ in range(copies)]
         scale = d ** -0.5
 
-        def call(q, k, v, page_table, cache_seqlens, out, lse, scale=scale):
-            decode_kernel.launch(q, k, v, page_table, cache_seqlens, scale, True, out, lse)
+        def call(q, k, v, page_table, cache_seqlens, out, lse, qv, scale=scale):
+            decode_kernel.launch(q, k, v, page_table, cache_seqlens, scale, True, out, lse, qv=qv)
 
         ms = bench.time_ms_graph(call, arg_sets)
         gbs = kv_bytes / (ms * 1e-3) / 1e9
-        rows.append({"shape (b,hq,hk,d,seqlen,page,sq)": str(shape[:-1]), "dtype": str(dtype)[6:],
+        rows.append({"shape (b,hq,hk,d,seqlen,page,sq)": str(shape[:7]),
+                     "dtype": str(dtype)[6:] + (f", qv dv {dv[0]}" if dv else ""),
                      "KV MB": kv_bytes / 1e6,
                      "us (graph)": ms * 1e3, "GB/s": gbs, "% of copy BW": 100 * gbs / copy_gbs})
         print(rows[-1])
