@@ -165,7 +165,8 @@ def main() -> None:
              "measured in the same run. Peer: torch._scaled_mm with row-wise scales (a different, cheaper scaling "
              "recipe: one scale per row / column, no per-128-K promotion). '% of copy BW (weights)': bytes of "
              "B and its scales read per second over the copy bandwidth (the small-M roofline). Masked: every "
-             "group holds m rows of max_m = 2m (the rest of the blocks exit).")
+             "group holds m rows of max_m = 2m (the persistent kernel walks only the tiles below masked_m). "
+             "Large M and the grouped layouts run the persistent kernel; split-K at small M.")
     bench.write_results("gemm_fp8", rows, list(rows[0]), notes, args.out)
 
 

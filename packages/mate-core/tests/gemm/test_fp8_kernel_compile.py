@@ -40,7 +40,8 @@ def test_kernel_variants_are_supported_dispatch_variants():
                                            ("dense", 7168, 2048, "m128n256"), ("contiguous", 4096, 7168, "m128n256"),
                                            ("masked", 7168, 2048, "m128n128"), ("masked", 4096, 7168, "m128n256"),
                                            ("dense", 2112, 7168, "m64n64s4"), ("dense", 7168, 2048, "p128n256"),
-                                           ("dense", 2112, 7168, "p128n128")])
+                                           ("dense", 2112, 7168, "p128n128"), ("contiguous", 4096, 7168, "p128n256"),
+                                           ("masked", 7168, 2048, "p128n256")])
 def test_kernel_compiles_for_sm90a(layout, n, k, tile):
     op = support.FP8_GEMM if layout == "dense" else support.M_GROUPED_FP8_GEMM
     kernel = jit.get_kernel(op.name, fp8_launch.kernel_variant(n, k, layout, tile),
@@ -53,6 +54,7 @@ def test_kernel_compiles_for_sm90a(layout, n, k, tile):
     assert "warpgroup_reg_dealloc" in src and "warpgroup_reg_alloc" in src  # producer / consumer split
     if tile.startswith("p"):  # persistent: `ctas` CTAs loop over the tiles
         assert "int ctas" in src and "for (int it = 0;" in src
+        assert "tl::tma_store_wait<0, true>()" in src  # the stores are waited for one tile later
     else:
         assert "rasterization2DRow" in src
     if tile.endswith("n256"):
@@ -62,8 +64,10 @@ def test_kernel_compiles_for_sm90a(layout, n, k, tile):
     if splits > 1:  # the last CTA of a tile (counted atomically after a fence) sums the splits
         assert "__threadfence();" in src and "AtomicAddRet(" in src
     assert "int M" in src  # M is a runtime argument
-    if layout == "masked":
+    if layout == "masked" and not tile.startswith("p"):
         assert "tl::tma_store" not in src  # rows past masked_m are not written
+    elif layout == "masked":  # a group's last, partial block is stored row-guarded, full ones by TMA
+        assert "tl::tma_store(d_desc" in src and "if (rows < 128)" in src
     else:
         assert "tl::tma_store(d_desc" in src
 

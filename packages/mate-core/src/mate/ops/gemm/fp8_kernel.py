@@ -19,7 +19,8 @@ One prim_func serves three layouts (the static `layout` argument), with every op
                   weights and is zeroed).
 * ``masked``      A (G, M_max, K), B (G, N, K), D (G, M_max, N); `aux` (G,) int32 holds masked_m.
                   The grid is sized from the static shapes (CUDA-graph capturable); blocks past
-                  masked_m[g] exit at once, and only rows < masked_m[g] are stored.
+                  masked_m[g] exit at once (the persistent kernel counts the live tiles from
+                  masked_m on the device instead), and only rows < masked_m[g] are stored.
 
 Parameters of the prim_func, in order (shapes; the dynamic sizes are read from the tensors):
 
@@ -37,10 +38,10 @@ dynamic, so one compiled kernel serves every token count. Tiles: block_m 128 (tw
 warpgroups of 64 rows) or 64 (one), block_n 16..128 inside one B scale block or 256 (two
 128-column halves, `_wide_kernel`), block_k 128 (one scale block), a `num_stages` TMA ring fed by
 a producer warpgroup (TileLang's warp specialization), and a swizzled rasterization of the
-(N blocks, M blocks) grid for L2 reuse. Two dense-only variants add parameters after aux:
-`_split_kernel` (split-K for small M: ws, flags) and `persistent_kernel` (hand-written warp roles,
-one CTA per SM looping over the tiles: ctas). The host (fp8_launch.tile_for) picks the tile per
-call.
+(N blocks, M blocks) grid for L2 reuse. Two variants add parameters after aux: `_split_kernel`
+(dense split-K for small M: ws, flags) and `persistent_kernel` (every layout, the large-M path:
+hand-written warp roles, one CTA per SM looping over the tiles, masked walking only the tiles
+below masked_m: ctas). The host (fp8_launch.tile_for) picks the tile per call.
 """
 
 from types import SimpleNamespace
@@ -102,8 +103,8 @@ def fp8_gemm_kernel(n: int, k: int, layout: str = "dense", *, block_m: int = 128
                     num_stages: int = 4, threads: int = 256, panel: int = 8, splits: int = 1,
                     persistent: bool = False):
     """Build the prim_func (not compiled) for weights of shape (n, k). `splits` > 1 (dense only):
-    split-K over that many CTAs per tile (see `_split_kernel`); `persistent` (dense, block_m 128,
-    block_n 128 or 256): `persistent_kernel`."""
+    split-K over that many CTAs per tile (see `_split_kernel`); `persistent` (block_m 128, block_n
+    128 or 256): `persistent_kernel`."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if k <= 0 or k % BLOCK_K:
@@ -119,11 +120,11 @@ def fp8_gemm_kernel(n: int, k: int, layout: str = "dense", *, block_m: int = 128
     if splits < 1 or (splits > 1 and (layout != "dense" or block_n == 256)):
         raise ValueError(f"splits must be 1, or > 1 with the dense layout and block_n <= 128, got {splits} "
                          f"({layout}, block_n {block_n})")
-    if persistent and (layout != "dense" or block_m != 128 or block_n not in (128, 256) or splits > 1):
-        raise ValueError(f"persistent needs the dense layout, block_m 128, block_n 128 or 256 and no splits, got "
-                         f"{layout}, {block_m} x {block_n}, splits {splits}")
+    if persistent and (block_m != 128 or block_n not in (128, 256) or splits > 1):
+        raise ValueError(f"persistent needs block_m 128, block_n 128 or 256 and no splits, got "
+                         f"{block_m} x {block_n}, splits {splits}")
     if persistent:
-        return persistent_kernel(n, k, block_n=block_n, num_stages=num_stages, panel=panel)
+        return persistent_kernel(n, k, layout, block_n=block_n, num_stages=num_stages, panel=panel)
     if block_n == 256:
         return _wide_kernel(n, k, layout, block_m=block_m, num_stages=num_stages, threads=threads, panel=panel)
     parts = _narrow_parts(n, layout, block_m, block_n, num_stages)
@@ -324,19 +325,48 @@ def _wide_kernel(n: int, k: int, layout: str, *, block_m: int, num_stages: int, 
 
 
 def _panel_tile(t, m_blocks, n_blocks: int, panel: int):
-    """(N block, M block) of the persistent kernel's t-th tile: panels of `panel` M blocks, walked
-    M block first within a panel (tiles in flight together share B columns and A rows in L2)."""
+    """(N block, M block) of the t-th tile of an m_blocks x n_blocks grid in the persistent order:
+    panels of `panel` M blocks, walked M block first within a panel (tiles in flight together
+    share B columns and A rows in L2)."""
     per_panel = panel * n_blocks
     rows = T.min(panel, m_blocks - t // per_panel * panel)
     return t % per_panel // rows, t // per_panel * panel + t % per_panel % rows
 
 
-def persistent_kernel(n: int, k: int, *, block_n: int = 256, num_stages: int = 3, panel: int = 8):
-    """Dense, persistent, with hand-written warp roles: `ctas` (a scalar parameter after aux, at
-    most the tile count) CTAs walk the 128 x block_n tiles t = cta, cta + ctas, ... in the
-    swizzled order; the producer warpgroup streams A, B, A's and B's scales into a `num_stages`
-    ring across tile boundaries, so the next tile's loads overlap this tile's epilogue. block_n
-    256 runs as two 128-column halves (one B scale block each), as in `_wide_kernel`."""
+def _masked_blocks(aux, M, g, bm: int):
+    """128-row blocks of masked group g (masked_m clamped to [0, M])."""
+    return T.ceildiv(T.max(T.min(aux[g], M), 0), bm)
+
+
+@T.macro
+def _locate(layout: str, aux, M, GA, t, n_blocks: int, panel: int, bm: int):
+    """(A group, N block, M block) of the persistent kernel's t-th tile. Masked: the tiles of the
+    groups' live row blocks (masked_m read on the device) are numbered group after group, so only
+    live tiles are walked; otherwise the one group's grid."""
+    g = T.alloc_var("int32", init=0)
+    m_blocks = T.alloc_var("int32", init=T.ceildiv(M, bm))
+    local = T.alloc_var("int32", init=t)
+    if layout == "masked":
+        for gi in T.serial(GA - 1):  # walk past the groups whose tiles lie before t
+            cnt = _masked_blocks(aux, M, gi, bm) * n_blocks
+            if g == gi and local >= cnt:
+                local = local - cnt
+                g = gi + 1
+        m_blocks = _masked_blocks(aux, M, g, bm)
+    bx, by = _panel_tile(local, m_blocks, n_blocks, panel)
+    return g, bx, by
+
+
+def persistent_kernel(n: int, k: int, layout: str = "dense", *, block_n: int = 256, num_stages: int = 3,
+                      panel: int = 8):
+    """Persistent, with hand-written warp roles: `ctas` (a scalar parameter after aux, at least 1)
+    CTAs walk the 128 x block_n tiles t = cta, cta + ctas, ... in the panel order (masked: the
+    live tiles only, counted from masked_m on the device; see `_locate`); the producer warpgroup
+    streams A, B, A's and B's scales into a `num_stages` ring across tile boundaries, so the next
+    tile's loads overlap this tile's epilogue. block_n 256 runs as two 128-column halves (one B
+    scale block each), as in `_wide_kernel`. The bf16 stores are TMA stores whose reads of the
+    staging tiles are waited for only before the next tile's epilogue overwrites them (masked: row-
+    guarded stores for a group's last, partial block)."""
     bm, half = 128, 128
     halves = block_n // half
     kb_count = k // BLOCK_K
@@ -344,7 +374,15 @@ def persistent_kernel(n: int, k: int, *, block_n: int = 256, num_stages: int = 3
     n_blocks = -(-n // block_n)
     S = num_stages
     sig = _signature(n, k)
-    M = sig.M
+    M, GA = sig.M, sig.GA
+
+    @T.macro
+    def half_step(a_tile, b_tile, sa_s, sb_s, st, h, partial, acc):
+        # One 64 x 128 x 128 wgmma per warpgroup, then its promotion into the half's accumulator.
+        T.wgmma_gemm(a_tile, b_tile, partial, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+        T.wait_wgmma(0)
+        for i, c in T.Parallel(bm, half):
+            acc[i, c] += partial[i, c] * (sa_s[st, i] * sb_s[st, h])
 
     @T.prim_func
     def fp8_gemm_persistent(a: sig.a, b: sig.b, d: sig.d, sfa: sig.sfa, sfb: sig.sfb, aux: sig.aux, ctas: T.int32):
@@ -362,26 +400,31 @@ def persistent_kernel(n: int, k: int, *, block_n: int = 256, num_stages: int = 3
             full = T.alloc_barrier([128] * S)
             empty = T.alloc_barrier([256] * S)
             tx = T.get_thread_binding()
-            m_blocks = T.ceildiv(M, bm)
-            my_tiles = T.ceildiv(m_blocks * n_blocks - cta, ctas)
+            tiles = T.alloc_var("int32", init=T.ceildiv(M, bm) * n_blocks)
+            if layout == "masked":
+                tiles = 0
+                for gi in T.serial(GA):
+                    tiles = tiles + _masked_blocks(aux, M, gi, bm) * n_blocks
+            my_tiles = T.ceildiv(tiles - cta, ctas)
             if tx >= 256:
                 T.set_max_nreg(24, 0)
                 for it in T.serial(my_tiles):
-                    bx, by = _panel_tile(cta + it * ctas, m_blocks, n_blocks, panel)
+                    g, bx, by = _locate(layout, aux, M, GA, cta + it * ctas, n_blocks, panel, bm)
+                    expert = group_of(layout, aux, by * bm, g)
                     for kb in T.serial(kb_count):
-                        g = it * kb_count + kb
-                        st = g % S
-                        sb0 = sfb[0, bx * halves, kb]
-                        sb1 = sfb[0, T.min(bx * halves + 1, nb_count - 1), kb]
-                        T.barrier_wait(empty[st], (g // S) % 2 ^ 1)
-                        T.tma_copy(a[0, by * bm:by * bm + bm, kb * BLOCK_K:kb * BLOCK_K + BLOCK_K], a_s[st, :, :],
+                        j = it * kb_count + kb
+                        st = j % S
+                        sb0 = sfb[expert, bx * halves, kb]
+                        sb1 = sfb[expert, T.min(bx * halves + 1, nb_count - 1), kb]
+                        T.barrier_wait(empty[st], (j // S) % 2 ^ 1)
+                        T.tma_copy(a[g, by * bm:by * bm + bm, kb * BLOCK_K:kb * BLOCK_K + BLOCK_K], a_s[st, :, :],
                                    barrier=full[st])
-                        T.tma_copy(b[0, bx * block_n:bx * block_n + half, kb * BLOCK_K:kb * BLOCK_K + BLOCK_K],
+                        T.tma_copy(b[expert, bx * block_n:bx * block_n + half, kb * BLOCK_K:kb * BLOCK_K + BLOCK_K],
                                    b0_s[st, :, :], barrier=full[st])
                         if halves == 2:
-                            T.tma_copy(b[0, bx * block_n + half:bx * block_n + 2 * half,
+                            T.tma_copy(b[expert, bx * block_n + half:bx * block_n + 2 * half,
                                          kb * BLOCK_K:kb * BLOCK_K + BLOCK_K], b1_s[st, :, :], barrier=full[st])
-                        T.tma_copy(sfa[0, kb, by * bm:by * bm + bm], sa_s[st, :], barrier=full[st])
+                        T.tma_copy(sfa[g, kb, by * bm:by * bm + bm], sa_s[st, :], barrier=full[st])
                         if tx == 256:
                             sb_s[st, 0] = sb0
                             sb_s[st, 1] = sb1
@@ -389,31 +432,39 @@ def persistent_kernel(n: int, k: int, *, block_n: int = 256, num_stages: int = 3
             else:
                 T.set_max_nreg(240, 1)
                 for it in T.serial(my_tiles):
-                    bx, by = _panel_tile(cta + it * ctas, m_blocks, n_blocks, panel)
+                    g, bx, by = _locate(layout, aux, M, GA, cta + it * ctas, n_blocks, panel, bm)
                     T.clear(acc0)
                     if halves == 2:
                         T.clear(acc1)
                     for kb in T.serial(kb_count):
-                        g = it * kb_count + kb
-                        st = g % S
-                        T.barrier_wait(full[st], (g // S) % 2)
-                        T.wgmma_gemm(a_s[st, :, :], b0_s[st, :, :], partial, transpose_B=True, clear_accum=True,
-                                     policy=T.GemmWarpPolicy.FullRow)
-                        T.wait_wgmma(0)
-                        for i, j in T.Parallel(bm, half):
-                            acc0[i, j] += partial[i, j] * (sa_s[st, i] * sb_s[st, 0])
+                        j = it * kb_count + kb
+                        st = j % S
+                        T.barrier_wait(full[st], (j // S) % 2)
+                        half_step(a_s[st, :, :], b0_s[st, :, :], sa_s, sb_s, st, 0, partial, acc0)
                         if halves == 2:
-                            T.wgmma_gemm(a_s[st, :, :], b1_s[st, :, :], partial, transpose_B=True, clear_accum=True,
-                                         policy=T.GemmWarpPolicy.FullRow)
-                            T.wait_wgmma(0)
-                            for i, j in T.Parallel(bm, half):
-                                acc1[i, j] += partial[i, j] * (sa_s[st, i] * sb_s[st, 1])
+                            half_step(a_s[st, :, :], b1_s[st, :, :], sa_s, sb_s, st, 1, partial, acc1)
                         T.barrier_arrive(empty[st])
+                    m0 = by * bm
+                    if layout == "contiguous":  # padding rows (expert -1) are written as zeros
+                        for i, c in T.Parallel(bm, half):
+                            keep = aux[T.min(m0 + i, M - 1)] >= 0
+                            acc0[i, c] = T.if_then_else(keep, acc0[i, c], T.float32(0))
+                            if halves == 2:
+                                acc1[i, c] = T.if_then_else(keep, acc1[i, c], T.float32(0))
+                    T.tma_store_wait(0)  # the previous tile's stores have read the staging tiles
                     T.copy(acc0, d0_s)
-                    T.copy(d0_s, d[0, by * bm:by * bm + bm, bx * block_n:bx * block_n + half])
                     if halves == 2:
                         T.copy(acc1, d1_s)
-                        T.copy(d1_s, d[0, by * bm:by * bm + bm, bx * block_n + half:bx * block_n + 2 * half])
+                    rows = rows_of(layout, aux, M, m0, g)
+                    if layout == "masked" and rows < bm:
+                        store_tile(d, d0_s, g, m0, bx * block_n, rows, n, True, bm, half)
+                        if halves == 2:
+                            store_tile(d, d1_s, g, m0, bx * block_n + half, rows, n, True, bm, half)
+                    else:
+                        T.tma_copy(d0_s, d[g, m0:m0 + bm, bx * block_n:bx * block_n + half])
+                        if halves == 2:
+                            T.tma_copy(d1_s, d[g, m0:m0 + bm, bx * block_n + half:bx * block_n + 2 * half])
+                T.tma_store_wait(0)
 
     return fp8_gemm_persistent
 

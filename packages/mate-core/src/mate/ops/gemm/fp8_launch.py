@@ -32,10 +32,6 @@ TILE_SPEED = {"m128n128": 1.0, "m128n256": 1.2}
 # Small-M tile buckets (split-K ones included) that tile_for chooses among.
 SMALL_M_TILES = ("m128n256", "m128n128", "m128n64", "m64n256", "m64n128", "m64n64", "m128n64s2", "m128n64s4",
                  "m128n64s8", "m64n64s2", "m64n64s4", "m64n64s8")
-# Dense M > SMALL_M with K <= PERSISTENT_MAX_K: the persistent kernel (p128n*) instead of one CTA per
-# tile (H100, M = 4096: 1.01-1.34x on the five DeepSeek-V3 shapes with K <= 7168, the shorter the K
-# loop the more; 0.91x at K = 16384).
-PERSISTENT_MAX_K = 8192
 SPLIT_FLAGS = 1 << 14  # split-K tile counters per (device, stream); more tiles than this are not split
 
 
@@ -60,8 +56,9 @@ def tile_for(m: int, n: int, k: int, layout: str, sms: int = 132, groups: int = 
       to 18 candidate tiles each, this picks the fastest in 11 of 12 cases (the 12th within 3%).
     * Otherwise (compute-bound; the M-grouped layouts always, with their 128-row blocks): 128 x 128
       or 128 x 256, whichever finishes first counting whole waves over the SMs: waves x tile
-      area / the tile's measured speed (DeepGEMM's heuristic in spirit); dense with K <=
-      PERSISTENT_MAX_K runs it in the persistent kernel."""
+      area / the tile's measured speed (DeepGEMM's heuristic in spirit), run by the persistent
+      kernel (p128n*; H100: 1.04-1.24x the one-CTA-per-tile kernel on DeepGEMM's grouped shapes,
+      1.09x on dense 4096 x 7168 x 16384; benchmarks/PERFORMANCE.md "gemm")."""
     if layout == "dense" and m <= SMALL_M:
         rows = -(-m // 64) * 64
         keys = {}  # tile -> (blocks, block_m, -splits)
@@ -81,7 +78,7 @@ def tile_for(m: int, n: int, k: int, layout: str, sms: int = 132, groups: int = 
         cost = -(-tiles // sms) * bm * bn / TILE_SPEED[tile]
         if best_cost is None or cost < best_cost - 1e-9:
             best, best_cost = tile, cost
-    return "p" + best[1:] if layout == "dense" and k <= PERSISTENT_MAX_K else best
+    return "p" + best[1:]
 
 
 def kernel_variant(n: int, k: int, layout: str, tile: str = "m128n128") -> dict:
@@ -151,6 +148,16 @@ def _split_args(m: int, n: int, tile_shape: tuple[int, int, int], device: torch.
     return [ws, flags]
 
 
+def _persistent_args(tile: str, rows: int, n: int, k: int, device: torch.device, groups: int = 1) -> list[int]:
+    """The persistent kernel's `ctas`: one CTA per SM, or per tile where there are fewer (counting
+    `groups` x `rows` rows; masked: every row of every group, an upper bound of the live tiles).
+    Empty for the other kernels."""
+    if not tile.startswith("p"):
+        return []
+    bm, bn, _ = _tile_shape(tile, k)
+    return [max(1, min(_sms(device), groups * -(-rows // bm) * -(-n // bn)))]
+
+
 def fp8_gemm_nt(op_name: str, build, a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor,
                 d: torch.Tensor) -> None:
     """d (M, N) bf16 = A (M, K) . B (N, K)^T with (1, 128) / (128, 128) float32 scales."""
@@ -163,8 +170,7 @@ def fp8_gemm_nt(op_name: str, build, a: torch.Tensor, sfa: torch.Tensor, b: torc
     args = [_aligned(a).unsqueeze(0), _aligned(b).unsqueeze(0), out.unsqueeze(0), _sfa_view(sfa),
             _aligned(sfb).unsqueeze(0), _aux_placeholder(a.device)]
     shape = _tile_shape(tile, k)
-    if tile.startswith("p"):  # persistent: one CTA per SM at most, looping over the tiles
-        args.append(min(_sms(a.device), -(-m // shape[0]) * -(-n // shape[1])))
+    args += _persistent_args(tile, m, n, k, a.device)
     kernel(*args, *(_split_args(m, n, shape, a.device) if shape[2] > 1 else ()))
     if out is not d:
         d.copy_(out)
@@ -177,10 +183,11 @@ def m_grouped_contiguous(op_name: str, build, a: torch.Tensor, sfa: torch.Tensor
     m, k = a.shape
     n = b.shape[1]
     _fits_int32(a, b, d)
-    kernel = _kernel(op_name, build, n, k, "contiguous", a.device, tile_for(m, n, k, "contiguous", _sms(a.device)))
+    tile = tile_for(m, n, k, "contiguous", _sms(a.device))
+    kernel = _kernel(op_name, build, n, k, "contiguous", a.device, tile)
     out = d if d.is_contiguous() and d.data_ptr() % 16 == 0 else torch.empty(d.shape, dtype=d.dtype, device=d.device)
     kernel(_aligned(a).unsqueeze(0), _aligned(b), out.unsqueeze(0), _sfa_view(sfa), _aligned(sfb),
-           _aligned(m_indices))
+           _aligned(m_indices), *_persistent_args(tile, m, n, k, a.device))
     if out is not d:
         d.copy_(out)
 
@@ -192,10 +199,12 @@ def m_grouped_masked(op_name: str, build, a: torch.Tensor, sfa: torch.Tensor, b:
     groups, max_m, k = a.shape
     n = b.shape[1]
     _fits_int32(a, b, d)
-    kernel = _kernel(op_name, build, n, k, "masked", a.device, tile_for(max_m, n, k, "masked", _sms(a.device), groups))
+    tile = tile_for(max_m, n, k, "masked", _sms(a.device), groups)
+    kernel = _kernel(op_name, build, n, k, "masked", a.device, tile)
+    extra = _persistent_args(tile, max_m, n, k, a.device, groups)
     if not (d.is_contiguous() and d.data_ptr() % 16 == 0):
         out = d.contiguous()
-        kernel(_aligned(a), _aligned(b), out, _sfa_view(sfa), _aligned(sfb), _aligned(masked_m))
+        kernel(_aligned(a), _aligned(b), out, _sfa_view(sfa), _aligned(sfb), _aligned(masked_m), *extra)
         d.copy_(out)
         return
-    kernel(_aligned(a), _aligned(b), d, _sfa_view(sfa), _aligned(sfb), _aligned(masked_m))
+    kernel(_aligned(a), _aligned(b), d, _sfa_view(sfa), _aligned(sfb), _aligned(masked_m), *extra)

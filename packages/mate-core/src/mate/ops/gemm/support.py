@@ -59,8 +59,9 @@ def _fp8_aot(shapes, layouts):
     from mate.ops.gemm.fp8_kernel import TILES
     from mate.ops.gemm.fp8_launch import kernel_variant
 
-    return [kernel_variant(n, k, layout, tile) for n, k in shapes for layout in layouts for tile in TILES
-            if layout == "dense" or tile.startswith("m128")]
+    # The M-grouped layouts take 128-row tiles without split-K.
+    return [kernel_variant(n, k, layout, tile) for n, k in shapes for layout in layouts for tile, cfg in TILES.items()
+            if layout == "dense" or (cfg["block_m"] == 128 and cfg.get("splits", 1) == 1)]
 
 
 # DeepSeek-V3's dense projections (N, K) and MoE expert shapes that `mate aot` prebuilds.
