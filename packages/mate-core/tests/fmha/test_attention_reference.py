@@ -132,6 +132,18 @@ def test_qv_adds_its_scores_and_changes_the_default_scale():
         assert_close(lse[b], want_lse, "lse")
 
 
+def test_weights_dtype_rounds_the_normalized_weights():
+    # The low-precision counterpart of the FP8 kernels: softmax weights rounded to e4m3, then times v.
+    gen = testing.generator("weights-dtype")
+    q, k, v = (torch.randn(n, 2, 16, generator=gen, dtype=torch.float64) for n in (5, 9, 9))
+    out, lse = reference.attention_sequence(q, k, v, softmax_scale=0.3, weights_dtype=torch.float8_e4m3fn)
+    weights = torch.softmax(torch.einsum("qhd,khd->hqk", q, k) * 0.3, dim=-1)
+    want = torch.einsum("hqk,khd->qhd", weights.to(torch.float8_e4m3fn).double(), v)
+    torch.testing.assert_close(out, want)
+    assert not torch.allclose(out, torch.einsum("hqk,khd->qhd", weights, v))
+    torch.testing.assert_close(lse, torch.logsumexp(torch.einsum("qhd,khd->hqk", q, k) * 0.3, dim=-1))
+
+
 def test_float32_inputs_compute_in_float32():
     gen = testing.generator("float32")
     q, k, v = (randn(gen, 1, 4, 2, 8).float(), randn(gen, 1, 6, 2, 8).float(), randn(gen, 1, 6, 2, 8).float())

@@ -355,9 +355,8 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
     ):
         T.annotate_pass_configs(PASS_CONFIGS)
         with T.Kernel(T.ceildiv(max_seqlen_q, bm), heads_q, batch_plus_1 - 1, threads=cfg.threads) as (bx, by, bz):
-            extern_src = (_ROWS_SRC if own_rows else "") + (_TANH_SRC if has_softcap else "")
-            if extern_src:
-                T.import_source(extern_src)
+            if own_rows or has_softcap:
+                T.import_source((_ROWS_SRC if own_rows else "") + (_TANH_SRC if has_softcap else ""))
             q_s = T.alloc_shared((bm, D), dtype)
             k_s = T.alloc_shared((S, bn, D), dtype)
             v_s = T.alloc_shared((S, *v_tile), dtype)

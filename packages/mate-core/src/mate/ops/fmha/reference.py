@@ -83,7 +83,8 @@ def attention_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sof
                        causal: bool = False, window_size: tuple[int, int] = (-1, -1), attention_chunk: int = 0,
                        softcap: float = 0.0, learnable_sink: torch.Tensor | None = None,
                        qv: torch.Tensor | None = None, key_stride: int = 1, key_offset: int = 0,
-                       seqlen_k_total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       seqlen_k_total: int | None = None,
+                       weights_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one sequence, the core every layout reduces to.
 
     q: (seqlen_q, nheads, headdim); k: (seqlen_k, nheads_k, headdim); v: (seqlen_k, nheads_k,
@@ -91,7 +92,9 @@ def attention_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sof
     dequantized, in one floating dtype (the compute dtype). Query head h reads key/value head
     h // (nheads // nheads_k). Key j sits at position j * key_stride + key_offset and queries
     are aligned to seqlen_k_total keys (default: this sequence's seqlen_k); both only differ
-    from the defaults under context parallelism.
+    from the defaults under context parallelism. weights_dtype rounds the normalized attention
+    weights to that dtype before they multiply v (upstream's attention_ref(intermediate_dtype=...):
+    the low-precision counterpart of the FP8 kernels, whose P V gemm takes fp8 weights).
 
     Returns out (seqlen_q, nheads, headdim_v) and lse (nheads, seqlen_q), natural log.
     """
@@ -134,7 +137,10 @@ def attention_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sof
             total_weight = total_weight + torch.exp(sink - shift)
         has_weight = total_weight > 0
         inverse = torch.where(has_weight, 1.0 / torch.where(has_weight, total_weight, 1.0), 0.0)
-        out[rows] = torch.einsum("hqk,khd->qhd", weights * inverse[..., None], v_heads)
+        weights = weights * inverse[..., None]
+        if weights_dtype is not None:
+            weights = weights.to(weights_dtype).to(dtype)
+        out[rows] = torch.einsum("hqk,khd->qhd", weights, v_heads)
         lse[:, rows] = torch.where(has_weight, torch.log(total_weight) + shift, empty_lse)
     return out, lse
 
@@ -245,7 +251,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                       window_size: tuple[int, int] = (-1, -1), attention_chunk: int = 0, softcap: float = 0.0,
                       learnable_sink: torch.Tensor | None = None,
                       cp_world_size: int = 1, cp_rank: int = 0,
-                      cp_tot_seqused_k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      cp_tot_seqused_k: torch.Tensor | None = None,
+                      weights_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention-3's forward (``mha_fwd``) over every layout; the arguments are upstream's.
 
     Queries: q (batch, seqlen_q, nheads, headdim), or (total_q, nheads, headdim) packed by
@@ -265,7 +272,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     FP8 (float8_e4m3fn) inputs are dequantized with q/k/v_descale (batch, nheads_k) (query
     head h uses q_descale[b, h // (nheads // nheads_k)]; qv uses q_descale too); missing
     descales are 1. softmax_scale defaults to 1 / sqrt(headdim + headdim_v if qv else
-    headdim) as upstream's Python layer does.
+    headdim) as upstream's Python layer does. weights_dtype: see `attention_sequence`.
 
     Returns (out, lse) in the compute dtype: out shaped like q with headdim_v; lse
     (batch, nheads, seqlen_q), or (nheads, total_q) when cu_seqlens_q is given. Query rows
@@ -399,7 +406,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             cp = {"key_stride": cp_world_size, "key_offset": cp_rank, "seqlen_k_total": cp_total[b]}
         seq_out, seq_lse = attention_sequence(q_seq, k_seq, v_seq, softmax_scale=softmax_scale, causal=causal,
                                               window_size=window_size, attention_chunk=attention_chunk,
-                                              softcap=softcap, learnable_sink=sink, qv=qv_seq, **cp)
+                                              softcap=softcap, learnable_sink=sink, qv=qv_seq, **cp,
+                                              weights_dtype=weights_dtype)
         if varlen_q:
             out[q_start:q_start + seqlen_q] = seq_out
             lse[:, q_start:q_start + seqlen_q] = seq_lse
