@@ -3,6 +3,7 @@ kernel (prefill, decode, combine, append) gets arguments that fit its TileLang s
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("tilelang")
 
@@ -104,3 +105,43 @@ def test_fp8_fixed_length_and_dense_cache(monkeypatch, seqlen_q):
                             cache_batch_idx=torch.tensor([2, 0], dtype=torch.int32),
                             cache_leftpad=torch.tensor([3, 0], dtype=torch.int32), causal=True, num_splits=2)
     _check(calls, prefill if seqlen_q > 8 else decode + ["fmha.flash_attn_combine"])
+
+
+class _DeviceOps(TorchDispatchMode):
+    """Records the torch ops that would launch device work (views and allocations launch none)."""
+
+    ALLOCATIONS = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func not in self.ALLOCATIONS:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_decode_steps_launch_only_their_kernel(monkeypatch):
+    # Outside CUDA graphs each extra torch op costs a serving stack ~5 us of host time per layer:
+    # a one-split paged decode step (flash_attn_with_kvcache) and vLLM's varlen decode with a block
+    # table run the decode kernel and no other device op (no combine, no tile-map ops).
+    calls = kernel_checks.record_kernel_calls(monkeypatch)
+    gen = testing.generator("launch-eager-decode")
+    batch, heads, heads_k, d, page_size, pages = 3, 8, 2, 128, 16, 4
+    k_cache, v_cache = (_randn(gen, batch * pages, page_size, heads_k, d) for _ in range(2))
+    page_table = torch.randperm(batch * pages, generator=gen).to(torch.int32).view(batch, pages)
+    cache_seqlens = torch.tensor([40, 7, 64], dtype=torch.int32)
+    q = _randn(gen, batch, 1, heads, d)
+    cu_seqlens_q = torch.arange(batch + 1, dtype=torch.int32)
+    for call in (lambda: flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens,
+                                                 page_table=page_table, causal=True, num_splits=1),
+                 lambda: flash_attn_varlen_func(q.view(batch, heads, d), k_cache, v_cache, cu_seqlens_q, None, 1, 64,
+                                                seqused_k=cache_seqlens, page_table=page_table, causal=True,
+                                                num_splits=1)):
+        call()  # first calls make the cached index vectors
+        calls.clear()
+        with _DeviceOps() as device_ops:
+            call()
+        assert device_ops.ops == []
+        _check(calls, ["fmha.decode_splitkv"])
