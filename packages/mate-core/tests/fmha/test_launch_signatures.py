@@ -145,3 +145,16 @@ def test_eager_decode_steps_launch_only_their_kernel(monkeypatch):
             call()
         assert device_ops.ops == []
         _check(calls, ["fmha.decode_splitkv"])
+
+
+def test_eager_prefill_of_one_sequence_launches_one_index_op(monkeypatch):
+    # Hugging Face's prefill (flash_attn_func: fixed length, batch 1, self-attention): one cu_seqlens
+    # for queries and keys, and the kernel's (heads, tokens) LSE is already (1, heads, seqlen): no copy.
+    calls = kernel_checks.record_kernel_calls(monkeypatch)
+    gen = testing.generator("launch-eager-prefill")
+    q, k, v = _randn(gen, 1, 40, 8, 128), _randn(gen, 1, 40, 2, 128), _randn(gen, 1, 40, 2, 128)
+    with _DeviceOps() as device_ops:
+        flash_attn_varlen_func(q, k, v, causal=True, return_softmax_lse=True)
+    assert device_ops.ops == ["aten.arange.start_step"]
+    _check(calls, ["fmha.attention_forward"])
+    assert calls[0].args[3] is calls[0].args[4]  # cu_seqlens_q is cu_seqlens_k

@@ -471,6 +471,8 @@ def _launch_kernel(variant: dict, args: dict[str, Any]) -> None:
             cu_k = torch.cat([first * max_k, first.new_zeros(1)])  # start rows; the last entry is not read
             if used_k is None:
                 used_k = torch.full((batch,), max_k, dtype=torch.int32, device=device)
+        elif args["cu_seqlens_q"] is None and (k.shape[0], max_k) == (batch, max_q):
+            cu_k = cu_q  # self-attention prefill: the same sequence boundaries (one launch fewer)
         else:
             cu_k = _cu_seqlens_of_fixed(k.shape[0], max_k, device)
         k, v = k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])
@@ -491,11 +493,14 @@ def _launch_kernel(variant: dict, args: dict[str, Any]) -> None:
         v = torch.nn.functional.pad(v, (0, pad_v))
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     heads, total_q = q.shape[1], q.shape[0]
-    flat_out = out.view(total_q, heads, -1) if out.is_contiguous() and not pad_v else torch.empty(
-        total_q, heads, v.shape[-1], dtype=out.dtype, device=device)
-    # The kernel writes LSE as (heads, total_q): the varlen layout; fixed-length is (batch, heads, seqlen).
-    flat_lse = lse if lse.dim() == 2 and lse.is_contiguous() else torch.empty(heads, total_q, dtype=torch.float32,
-                                                                               device=device)
+    out_in_place = out.is_contiguous() and not pad_v
+    flat_out = out.view(total_q, heads, -1) if out_in_place else torch.empty(total_q, heads, v.shape[-1],
+                                                                             dtype=out.dtype, device=device)
+    # The kernel writes LSE as (heads, total_q): the varlen layout, and fixed-length's (batch, heads, seqlen)
+    # when the batch is 1 (a copy otherwise).
+    lse_in_place = lse.is_contiguous() and (lse.dim() == 2 or lse.shape[0] == 1)
+    flat_lse = lse.view(heads, total_q) if lse_in_place else torch.empty(heads, total_q, dtype=torch.float32,
+                                                                          device=device)
     window = _kernel_window(variant["causal"] or args["causal"], (args["window_size_left"], args["window_size_right"]),
                             max_q, max_k)
     sink = args["learnable_sink"]
@@ -522,9 +527,9 @@ def _launch_kernel(variant: dict, args: dict[str, Any]) -> None:
                           window, args["softcap"], seqused_q=used_q.to(torch.int32) if seqused else None,
                           seqused_k=used_k.to(torch.int32) if seqused else None,
                           sink=None if sink is None else sink.float(), **fp8)
-    if flat_out is not out:
+    if not out_in_place:
         out.copy_(flat_out[..., :out.shape[-1]].reshape(out.shape))
-    if flat_lse is not lse:
+    if not lse_in_place:
         lse.copy_(flat_lse.view(heads, lse.shape[0], -1).transpose(0, 1) if lse.dim() == 3 else flat_lse)
 
 
