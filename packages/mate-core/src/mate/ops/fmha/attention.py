@@ -467,7 +467,7 @@ def _launch_kernel(variant: dict, args: dict[str, Any]) -> None:
     if cu_k is None:
         max_k = k.shape[1]
         if seqused:
-            first = rows if rows is not None else torch.arange(batch, dtype=torch.int32, device=device)
+            first = rows if rows is not None else constants.iota(batch, device)
             cu_k = torch.cat([first * max_k, first.new_zeros(1)])  # start rows; the last entry is not read
             if used_k is None:
                 used_k = torch.full((batch,), max_k, dtype=torch.int32, device=device)

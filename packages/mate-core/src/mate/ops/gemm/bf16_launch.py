@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from mate import jit, platform
+from mate import constants, jit, platform
 
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 FILL = 0.75
@@ -22,7 +22,6 @@ FILL = 0.75
 # the waves are full (benchmarks/PERFORMANCE.md "gemm"): 128 x 192 0.89-1.0x, 128 x 128 0.85-0.86x
 # (more L2 bytes per FLOP).
 TILE_SPEED = {"m128n256": 1.0, "m128n192": 0.9, "m128n128": 0.85}
-_dummy_aux: dict[torch.device, torch.Tensor] = {}
 
 
 def tile_for(m: int, n: int, groups: int, sms: int) -> str:
@@ -97,13 +96,6 @@ def _fits_int32(*tensors: torch.Tensor) -> None:
                                       f"{tuple(t.shape)} has {t.numel()} elements (at most 2**31 - 1 supported)")
 
 
-def _aux_placeholder(device: torch.device) -> torch.Tensor:
-    aux = _dummy_aux.get(device)
-    if aux is None:
-        aux = _dummy_aux[device] = torch.zeros(1, dtype=torch.int32, device=device)
-    return aux
-
-
 def _launch(op_name: str, build, key: dict, m: int, n: int, groups: int, a, b, d, aux, keep: bool) -> None:
     """Pick the tile, get the kernel of `key` and run it on d. A strided d is staged through a
     packed copy; with `keep` (the kernel adds to D or leaves some of its rows) the copy carries
@@ -129,7 +121,7 @@ def gemm(op_name: str, build, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor,
     b_k, major_b = _operand(b, True)
     key = variant(a.dtype, major_a, major_b, d.dtype, accumulate, n, k)
     key.update(k=int(k), layout="dense")
-    _launch(op_name, build, key, m, n, groups, a_k, b_k, d, _aux_placeholder(a.device), accumulate)
+    _launch(op_name, build, key, m, n, groups, a_k, b_k, d, constants.zeros(1, a.device), accumulate)
 
 
 def m_grouped_contiguous(op_name: str, build, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor,

@@ -19,10 +19,9 @@ import functools
 
 import torch
 
-from mate import jit, platform
+from mate import constants, jit, platform
 from mate.ops.gemm import layouts
 
-_dummy_aux: dict[torch.device, torch.Tensor] = {}
 _split_flags: dict[tuple[torch.device, torch.Stream], torch.Tensor] = {}
 
 SMALL_M = 128  # dense calls with M <= SMALL_M are weight-bandwidth-bound: tiles chosen to fill the SMs
@@ -122,13 +121,6 @@ def _sfa_view(sfa: torch.Tensor) -> torch.Tensor:
     return view
 
 
-def _aux_placeholder(device: torch.device) -> torch.Tensor:
-    aux = _dummy_aux.get(device)
-    if aux is None:
-        aux = _dummy_aux[device] = torch.zeros(1, dtype=torch.int32, device=device)
-    return aux
-
-
 def _fits_int32(*tensors: torch.Tensor) -> None:
     for t in tensors:
         if t.numel() >= 2**31:
@@ -168,7 +160,7 @@ def fp8_gemm_nt(op_name: str, build, a: torch.Tensor, sfa: torch.Tensor, b: torc
     kernel = _kernel(op_name, build, n, k, "dense", a.device, tile)
     out = d if d.is_contiguous() and d.data_ptr() % 16 == 0 else torch.empty(d.shape, dtype=d.dtype, device=d.device)
     args = [_aligned(a).unsqueeze(0), _aligned(b).unsqueeze(0), out.unsqueeze(0), _sfa_view(sfa),
-            _aligned(sfb).unsqueeze(0), _aux_placeholder(a.device)]
+            _aligned(sfb).unsqueeze(0), constants.zeros(1, a.device)]
     shape = _tile_shape(tile, k)
     args += _persistent_args(tile, m, n, k, a.device)
     kernel(*args, *(_split_args(m, n, shape, a.device) if shape[2] > 1 else ()))
