@@ -48,7 +48,7 @@ from types import SimpleNamespace
 
 import tilelang.language as T
 
-from mate.ops.gemm.tiles import group_of, rows_of, store_tile
+from mate.ops.gemm.tiles import group_of, panel_tile, rows_of, store_tile
 
 # (No `from __future__ import annotations`: the prim_func annotations must be evaluated eagerly.)
 
@@ -324,15 +324,6 @@ def _wide_kernel(n: int, k: int, layout: str, *, block_m: int, num_stages: int, 
     return fp8_gemm
 
 
-def _panel_tile(t, m_blocks, n_blocks: int, panel: int):
-    """(N block, M block) of the t-th tile of an m_blocks x n_blocks grid in the persistent order:
-    panels of `panel` M blocks, walked M block first within a panel (tiles in flight together
-    share B columns and A rows in L2)."""
-    per_panel = panel * n_blocks
-    rows = T.min(panel, m_blocks - t // per_panel * panel)
-    return t % per_panel // rows, t // per_panel * panel + t % per_panel % rows
-
-
 def _masked_blocks(aux, M, g, bm: int):
     """128-row blocks of masked group g (masked_m clamped to [0, M])."""
     return T.ceildiv(T.max(T.min(aux[g], M), 0), bm)
@@ -353,7 +344,7 @@ def _locate(layout: str, aux, M, GA, t, n_blocks: int, panel: int, bm: int):
                 local = local - cnt
                 g = gi + 1
         m_blocks = _masked_blocks(aux, M, g, bm)
-    bx, by = _panel_tile(local, m_blocks, n_blocks, panel)
+    bx, by = panel_tile(local, m_blocks, n_blocks, panel)
     return g, bx, by
 
 

@@ -1,6 +1,6 @@
 """TileLang pieces the GEMM kernels share (FP8 and BF16, :mod:`fp8_kernel`, :mod:`bf16_kernel`):
-which B group and how many rows a block of A rows has under each M-grouped layout, and the store
-of a finished output tile."""
+which B group and how many rows a block of A rows has under each M-grouped layout, the order in
+which the persistent kernels walk their tiles, and the store of a finished output tile."""
 
 import tilelang.language as T
 
@@ -16,6 +16,15 @@ def group_of(layout: str, aux, m0, bz):
 def rows_of(layout: str, aux, M, m0, bz):
     """Rows of the block at m0 to compute and store (masked: up to masked_m of the group)."""
     return T.min(aux[bz], M) - m0 if layout == "masked" else M - m0
+
+
+def panel_tile(t, m_blocks, n_blocks: int, panel: int):
+    """(N block, M block) of the t-th tile of an m_blocks x n_blocks grid in the persistent order:
+    panels of `panel` M blocks, walked M block first within a panel (tiles in flight together
+    share B columns and A rows in L2)."""
+    per_panel = panel * n_blocks
+    rows = T.min(panel, m_blocks - t // per_panel * panel)
+    return t % per_panel // rows, t // per_panel * panel + t % per_panel % rows
 
 
 @T.macro
