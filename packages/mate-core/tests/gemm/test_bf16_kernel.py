@@ -82,3 +82,24 @@ def test_bf16_one_compile_serves_every_m():
         api.bf16_gemm_nt(a, b, d)
         assert _rel_err(d, a.double() @ b.double().T) < _limit(torch.bfloat16)
     assert jit.stats["compiled"] + jit.stats["loaded"] - before == 1
+
+
+@pytest.mark.parametrize("tile", ["p128n256", "p128n128"])
+@pytest.mark.parametrize("major_a,major_b", [("K", "K"), ("K", "MN"), ("MN", "K"), ("MN", "MN")])
+def test_persistent_kernel_tiles(monkeypatch, tile, major_a, major_b):
+    """Both persistent tiles in every major order, forced: several batches walked as one tile
+    space, M, N and K off the tile edges (TMA zero-fills loads and clips stores), M = 8 (one
+    partial tile per batch) and more tiles than SMs (each CTA walks several, the ring wraps)."""
+    from mate.ops.gemm import bf16_launch, support
+
+    monkeypatch.setattr(bf16_launch, "tile_for", lambda *args, **kwargs: tile)
+    for batch, m, n, k in ((3, 296, 520, 200), (2, 8, 136, 64), (40, 520, 1000, 328)):
+        a = torch.randn(batch, m, k, dtype=torch.bfloat16, device="cuda")
+        b = torch.randn(batch, n, k, dtype=torch.bfloat16, device="cuda")
+        # Operands stored in the named major order, passed as logical (batch, rows, K) views.
+        a_arg = a if major_a == "K" else a.transpose(1, 2).contiguous().transpose(1, 2)
+        b_arg = b if major_b == "K" else b.transpose(1, 2).contiguous().transpose(1, 2)
+        d = torch.full((batch, m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        bf16_launch.gemm(support.BF16_GEMM.name, support.BF16_GEMM.build, a_arg, b_arg, d)
+        assert not d.isnan().any()
+        assert _rel_err(d, a.double() @ b.double().transpose(1, 2)) < _limit(torch.bfloat16), (batch, m, n, k)

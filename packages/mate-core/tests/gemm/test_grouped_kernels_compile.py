@@ -154,3 +154,36 @@ def test_build_rejects_bad_layouts():
         bf16_kernel.bf16_gemm_kernel(256, 256, "K", "K", layout="masked", accumulate=True)
     with pytest.raises(ValueError, match="n must be a positive multiple of 4"):
         kgrouped_kernel.k_grouped_fp8_kernel(6)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("layout,batch,m,k,n", [("bmm", 128, 512, 128, 512), ("tn", 1, 4096, 512, 32768),
+                                                ("nt", 3, 100, 256, 512)])
+def test_bf16_persistent(monkeypatch, tmp_path, layout, batch, m, k, n):
+    """The persistent kernel (bmm and dense calls with a 16-bit D): `ctas` CTAs walk the tiles of
+    every batch, the ring's stages are released one wgmma late, and the TMA store is waited for
+    one tile later; no spills (128 accumulator registers per consumer thread)."""
+    if layout == "bmm":
+        a, b = _bf16(batch, m, k), _bf16(batch, k, n)
+        record = _recorded(monkeypatch, lambda: mate.gemm.bmm_fp16(a, b, torch.bfloat16,
+                                                                   out=torch.empty(batch, m, n, dtype=torch.bfloat16)))
+    else:
+        a = _bf16(batch, m, k) if layout == "nt" else _bf16(k, m)  # tn: A (K, M), B (K, N), both MN-major
+        b = _bf16(batch, n, k) if layout == "nt" else _bf16(k, n)
+        d = torch.empty(*((batch,) if layout == "nt" else ()), m, n, dtype=torch.bfloat16)
+        call = (lambda: mate.gemm.bmm_fp16(a, b.transpose(1, 2), torch.bfloat16, out=d)) if layout == "nt" else (
+            lambda: api.bf16_gemm_tn(a, b, d))
+        record = _recorded(monkeypatch, call)
+    tile = record.variant["tile"]
+    assert tile.startswith("p")
+    src = _compiled_source(record)
+    # hand-written warp roles: the producer's expected bytes, then every producer thread arrives
+    assert "tl::tma_load(a_desc" in src and "tl::tma_load(b_desc" in src and ".expect_transaction(" in src
+    assert "warpgroup_reg_alloc<240>" in src and "warpgroup_reg_dealloc<24>" in src and "int M" in src
+    block_n = bf16_kernel.TILES[tile]["block_n"]
+    assert re.search(rf"wgmma_ss<tl::DataType::kBFloat16, tl::DataType::kBFloat16, tl::DataType::kFloat32, 64, "
+                     rf"{block_n}, 16, {'true' if layout == 'tn' else 'false'}", src)
+    assert "int ctas" in src and "for (int it = 0;" in src and f"kb < {k // 64}" in src
+    assert "tl::wait_wgmma<1>();" in src and "tl::tma_store_wait<0, true>();" in src
+    assert "tl::tma_store(d_desc" in src
+    assert _spill_bytes(src, tmp_path) == 0

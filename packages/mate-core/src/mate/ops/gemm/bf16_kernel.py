@@ -1,6 +1,8 @@
 """TileLang BF16 / FP16 GEMM for Hopper (sm_90a): TMA loads into a multi-stage ring fed by a
 producer warpgroup (TileLang's warp specialization of `T.Pipelined`), wgmma into fp32
 accumulators held by two consumer warpgroups, and a TMA store of the tile through shared memory.
+Dense calls with a 16-bit D and no accumulator run `persistent_kernel` instead (hand-written warp
+roles, one CTA per SM walking the tiles of every batch; bf16_launch.tile_for picks it).
 
     D[g, m, n] (+)= sum_k A[g, m, k] * B[group, n, k]
 
@@ -40,7 +42,7 @@ of M, N and K are handled by TMA (out-of-bounds loads read zeros, stores are cli
 
 import tilelang.language as T
 
-from mate.ops.gemm.tiles import rows_of, store_tile
+from mate.ops.gemm.tiles import panel_tile, rows_of, store_tile
 
 # (No `from __future__ import annotations`: the prim_func annotations must be evaluated eagerly.)
 
@@ -53,7 +55,12 @@ K_GROUP_ALIGNMENT = 128  # every group's K in the k_grouped layout (a multiple o
 TILES = {"m128n256": {"block_m": 128, "block_n": 256, "block_k": 64, "num_stages": 3, "threads": 256},
          "m128n192": {"block_m": 128, "block_n": 192, "block_k": 64, "num_stages": 4, "threads": 256},
          "m128n128": {"block_m": 128, "block_n": 128, "block_k": 64, "num_stages": 4, "threads": 256},
-         "m64n128": {"block_m": 64, "block_n": 128, "block_k": 64, "num_stages": 6, "threads": 128}}
+         "m64n128": {"block_m": 64, "block_n": 128, "block_k": 64, "num_stages": 6, "threads": 128},
+         # persistent_kernel (dense, 16-bit D, no accumulator): one CTA per SM walks the tiles
+         "p128n256": {"block_m": 128, "block_n": 256, "block_k": 64, "num_stages": 3, "threads": 256,
+                      "persistent": True},
+         "p128n128": {"block_m": 128, "block_n": 128, "block_k": 64, "num_stages": 5, "threads": 256,
+                      "persistent": True}}
 
 
 def _check_config(n, k, major_a, major_b, dtype, out_dtype, layout, accumulate, block_m, threads):
@@ -76,10 +83,17 @@ def _check_config(n, k, major_a, major_b, dtype, out_dtype, layout, accumulate, 
 def bf16_gemm_kernel(n: int, k: int, major_a: str = "K", major_b: str = "K", dtype: str = "bfloat16",
                      out_dtype: str = "bfloat16", layout: str = "dense", accumulate: bool = False, *,
                      block_m: int = 128, block_n: int = 256, block_k: int = 64, num_stages: int = 3,
-                     threads: int = 256, panel: int = 8):
+                     threads: int = 256, panel: int = 8, persistent: bool = False):
     """Build the prim_func (not compiled) for a weight of shape (n, k) (k_grouped: `k` is unused,
-    ΣK and every group's K are runtime values)."""
+    ΣK and every group's K are runtime values). `persistent`: `persistent_kernel`."""
     _check_config(n, k, major_a, major_b, dtype, out_dtype, layout, accumulate, block_m, threads)
+    if persistent:
+        if (layout, accumulate, block_m, block_k) != ("dense", False, 128, 64) or out_dtype == "float32":
+            raise ValueError(f"persistent needs the dense layout, no accumulator, a 16-bit D and 128 x N x 64 "
+                             f"tiles, got {layout}, accumulate {accumulate}, {out_dtype}, block_m {block_m}, "
+                             f"block_k {block_k}")
+        return persistent_kernel(n, k, major_a, major_b, dtype, out_dtype, block_n=block_n, num_stages=num_stages,
+                                 panel=panel)
     k_grouped = layout == "k_grouped"
     M, GA, GB, GD, L = T.dynamic("M, GA, GB, GD, L")
     k_dim = T.dynamic("SK") if k_grouped else k
@@ -163,6 +177,91 @@ def bf16_gemm_kernel(n: int, k: int, major_a: str = "K", major_b: str = "K", dty
                 store_tile(d, d_s, bz, m0, n0, rows, n, layout == "masked", block_m, block_n)
 
     return bf16_gemm
+
+
+def persistent_kernel(n: int, k: int, major_a: str = "K", major_b: str = "K", dtype: str = "bfloat16",
+                      out_dtype: str = "bfloat16", *, block_n: int = 256, num_stages: int = 3, panel: int = 8):
+    """The dense layout with hand-written warp roles, as the FP8 persistent kernel
+    (:func:`mate.ops.gemm.fp8_kernel.persistent_kernel`): `ctas` (a scalar parameter after aux, at
+    least 1) CTAs walk the 128 x block_n tiles t = cta, cta + ctas, ... of every group (the batch
+    is part of the tile space: group after group, each in the panel order). The producer
+    warpgroup streams A and B into a `num_stages` ring that runs on across tile boundaries, so
+    short K loops (K = 128 .. 2048) keep the loads going through the epilogue; the TMA store of a
+    tile is waited for only before the next tile's epilogue overwrites the staging tile."""
+    bm, bk = 128, 64
+    S = num_stages
+    kb_count = -(-k // bk)
+    n_blocks = -(-n // block_n)
+    M, G = T.dynamic("M, G")
+    a_shape = (G, M, k) if major_a == "K" else (G, k, M)
+    b_shape = (G, n, k) if major_b == "K" else (G, k, n)
+    a_tile = (bm, bk) if major_a == "K" else (bk, bm)
+    b_tile = (block_n, bk) if major_b == "K" else (bk, block_n)
+
+    @T.macro
+    def locate(t):
+        # (group, first row, first column) of the t-th tile, computed once per tile (as expressions
+        # TileLang would inline the panel arithmetic into every K step's addresses)
+        m_blocks = T.ceildiv(M, bm)
+        g = T.alloc_var("int32", init=t // (m_blocks * n_blocks))
+        bx, by = panel_tile(t % (m_blocks * n_blocks), m_blocks, n_blocks, panel)
+        m0 = T.alloc_var("int32", init=by * bm)
+        n0 = T.alloc_var("int32", init=bx * block_n)
+        return g, m0, n0
+
+    @T.prim_func
+    def bf16_gemm_persistent(a: T.Tensor(a_shape, dtype), b: T.Tensor(b_shape, dtype),
+                             d: T.Tensor((G, M, n), out_dtype), aux: T.Tensor((1,), "int32"), ctas: T.int32):
+        with T.Kernel(ctas, threads=384) as cta:
+            a_s = T.alloc_shared((S, *a_tile), dtype)
+            b_s = T.alloc_shared((S, *b_tile), dtype)
+            d_s = T.alloc_shared((bm, block_n), out_dtype)
+            acc = T.alloc_fragment((bm, block_n), "float32")
+            full = T.alloc_barrier([128] * S)
+            empty = T.alloc_barrier([256] * S)
+            tx = T.get_thread_binding()
+            my_tiles = T.ceildiv(G * T.ceildiv(M, bm) * n_blocks - cta, ctas)
+            if tx >= 256:
+                T.set_max_nreg(24, 0)
+                for it in T.serial(my_tiles):
+                    g, m0, n0 = locate(cta + it * ctas)
+                    for kb in T.serial(kb_count):
+                        j = it * kb_count + kb
+                        st = j % S
+                        ks = kb * bk
+                        T.barrier_wait(empty[st], (j // S) % 2 ^ 1)
+                        if major_a == "K":
+                            T.tma_copy(a[g, m0:m0 + bm, ks:ks + bk], a_s[st, :, :], barrier=full[st])
+                        else:
+                            T.tma_copy(a[g, ks:ks + bk, m0:m0 + bm], a_s[st, :, :], barrier=full[st])
+                        if major_b == "K":
+                            T.tma_copy(b[g, n0:n0 + block_n, ks:ks + bk], b_s[st, :, :], barrier=full[st])
+                        else:
+                            T.tma_copy(b[g, ks:ks + bk, n0:n0 + block_n], b_s[st, :, :], barrier=full[st])
+                        T.barrier_arrive(full[st])
+            else:
+                T.set_max_nreg(240, 1)
+                for it in T.serial(my_tiles):
+                    g, m0, n0 = locate(cta + it * ctas)
+                    T.clear(acc)
+                    for kb in T.serial(kb_count):
+                        j = it * kb_count + kb
+                        st = j % S
+                        T.barrier_wait(full[st], (j // S) % 2)
+                        T.wgmma_gemm(a_s[st, :, :], b_s[st, :, :], acc, transpose_A=major_a == "MN",
+                                     transpose_B=major_b == "K", policy=T.GemmWarpPolicy.FullRow)
+                        # one K block's wgmma stays in flight: the previous one's stage is released
+                        T.wait_wgmma(1)
+                        if kb > 0:
+                            T.barrier_arrive(empty[(j + S - 1) % S])
+                    T.wait_wgmma(0)
+                    T.barrier_arrive(empty[(it * kb_count + kb_count - 1) % S])
+                    T.tma_store_wait(0)  # the previous tile's store has read the staging tile
+                    T.copy(acc, d_s)
+                    T.tma_copy(d_s, d[g, m0:m0 + bm, n0:n0 + block_n])
+                T.tma_store_wait(0)
+
+    return bf16_gemm_persistent
 
 
 def build(n: int, k: int, major_a: str = "K", major_b: str = "K", dtype: str = "bfloat16",
