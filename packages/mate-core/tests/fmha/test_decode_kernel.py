@@ -29,6 +29,8 @@ def test_num_splits_heuristic():
     # Never more splits than key blocks.
     assert decode_kernel.num_splits_heuristic(1, 1, 1, 100, 128, 132) <= 2
     assert decode_kernel.num_splits_heuristic(1, 1, 1, 1, 128, 132) == 1
+    # FP8 at d = 128 counts its 128-key blocks: no more splits than those.
+    assert decode_kernel.num_splits_heuristic(1, 1, 1, 200, 128, 132, fp8=True) <= 2
 
 
 def test_varlen_tile_map():
@@ -240,8 +242,12 @@ def test_kernel_compiles_for_sm90a(var):
     assert ("float* __restrict__ out_partial" in src) == split_kv
     if var["paged"]:
         assert "int max_pages" in src and "int page_size" in src  # page size: a runtime value
-    # K / V rows arrive as 16-byte cp.async gathers through a 3-slot ring: two blocks in flight.
-    assert "cp_async_gs_conditional<16>" in src and "cp_async_wait<2>" in src
+    # K / V rows arrive as 16-byte cp.async gathers through a ring: all but one slot in flight.
+    fp8 = var["dtype"] == torch.float8_e4m3fn
+    _, stages = decode_kernel.default_config(var["head_dim"], var.get("head_dim_v"), fp8)
+    assert "cp_async_gs_conditional<16>" in src and f"cp_async_wait<{stages - 1}>" in src
+    # FP8 V is widened to fp16 (one cvt per two values) for P V.
+    assert ("__tl_cvt_fp8x2_to_half2" in src) == fp8
     # S = Q K^T from shared memory and O += P V with P in registers (in shared memory with qv, which
     # splits the columns over two warpgroups), on wgmma.
     assert "wgmma_ss<" in src and ("wgmma_rs<" in src) != bool(var.get("qv"))

@@ -77,7 +77,7 @@ predicated off (cp.async zero-fills, no global read). S = Q K^T (wgmma, shared o
 P V (wgmma, P in registers) run on the tensor cores (T.gemm); online softmax with exp2, a row
 whose max is still -inf using 0 as its max. A split with no key block still runs one fully
 masked block, so every path issues the same gemms. FP8 K/V blocks stream as fp8 (16 per copy);
-S = Q K^T runs on fp8 wgmma and each V block is widened to bf16 in shared memory for P V (fp8
+S = Q K^T runs on fp8 wgmma and each V block is widened to fp16 in shared memory for P V (fp8
 wgmma needs both operands K-major, V is not); q's and k's descales scale the scores,
 v's the output. With qv the (64, dv) output accumulator is too large for one warpgroup's registers:
 two warpgroups (256 threads) split the gemms' columns (key columns of S, value columns of O), so P
@@ -104,14 +104,17 @@ MAX_SPLITS = 128  # combine_kernel's scale table holds 256
 UNBOUNDED = 1 << 30  # a key position bound no sequence reaches
 
 
-def default_config(head_dim: int, head_dim_v: int | None = None) -> tuple[int, int]:
+def default_config(head_dim: int, head_dim_v: int | None = None, fp8: bool = False) -> tuple[int, int]:
     """(block_n, stages). T.Pipelined(num_stages >= 2) over a runtime trip count fails in
     TileLang 0.1.15 (its epilogue waits on ``ptx_wait_group(3 - t * 2)``, which the CUDA codegen
     rejects), hence the hand-written cp.async ring. Shared memory stays <= 112 KB (Q + the ring of
     K and V slots) so that two CTAs share an SM; with qv (dv 512: QV 64 KB, 36 KB per slot) one
-    CTA holds ~184 KB."""
+    CTA holds ~184 KB. FP8 at d = 128 takes blocks of bf16's bytes (128 keys) in 2 slots: 0.90 ms
+    vs 0.99 ms for 64 keys in 3-5 slots on the H100 (benchmarks/PERFORMANCE.md)."""
     if head_dim_v is not None and head_dim_v != head_dim:
         return 32, 3
+    if fp8 and head_dim == 128:
+        return 128, 2
     if head_dim <= 64:
         return 128, 3
     if head_dim <= 128:
@@ -128,10 +131,11 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     # FP8 caches stream as fp8 (half the bytes). S = Q K^T runs on fp8 wgmma (both operands K-major);
-    # V is widened to bf16 in shared memory for P V (fp8 wgmma would need V transposed). The
-    # descales fold into the score scale (q, k) and the output (v).
+    # V is widened to fp16 in shared memory for P V (fp8 wgmma would need V transposed): e4m3 ->
+    # f16x2 is one cvt per 2 values on sm_90 (bf16 takes three), and every e4m3 value is exact in
+    # fp16. The descales fold into the score scale (q, k) and the output (v).
     fp8 = dtype == "float8_e4m3fn"
-    math_dtype = "bfloat16" if fp8 else dtype
+    math_dtype = "float16" if fp8 else dtype
     chunk = COPY_BYTES // (1 if fp8 else 2)  # elements per cp.async
     D = int(head_dim)
     DV = int(head_dim_v or head_dim)
@@ -141,7 +145,7 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
                              f"{dtype}")
     elif D not in HEAD_DIMS or DV != D:
         raise ValueError(f"head_dim must be one of {HEAD_DIMS} (head_dim_v equal), got ({D}, {DV})")
-    bn0, st0 = default_config(D, DV)
+    bn0, st0 = default_config(D, DV, fp8)
     bn = int(block_n or bn0)
     ring = int(stages or st0)
     # qv: two warpgroups split the gemms' columns (FullCol); else one warpgroup owns whole rows.
@@ -430,11 +434,12 @@ def build(dtype, head_dim: int, paged: bool, causal: bool, leftpad: bool = False
 
 @functools.lru_cache(maxsize=4096)  # static sizes repeat call after call
 def num_splits_heuristic(batch: int, heads_k: int, row_blocks: int, max_seqlen_k: int, head_dim: int,
-                         multiprocessors: int, max_splits: int = MAX_SPLITS, head_dim_v: int | None = None) -> int:
+                         multiprocessors: int, max_splits: int = MAX_SPLITS, head_dim_v: int | None = None,
+                         fp8: bool = False) -> int:
     """Splits per sequence from static sizes only (FA3's rule): none when the grid already fills
     0.8 of the SMs; else the smallest count whose wave efficiency is >= 85% of the best."""
     tiles = batch * heads_k * row_blocks
-    bn, _ = default_config(head_dim, head_dim_v)
+    bn, _ = default_config(head_dim, head_dim_v, fp8)
     n_blocks = max(1, -(-max_seqlen_k // bn))
     if tiles >= 0.8 * multiprocessors:
         return 1
@@ -505,7 +510,7 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
     rows = seqlen_q * (heads_q // heads_k)
     if num_splits <= 0:
         num_splits = num_splits_heuristic(batch, heads_k, -(-rows // BLOCK_M), -(-span // max(cp_world_size, 1)), d,
-                                          info.multiprocessors, head_dim_v=dv)
+                                          info.multiprocessors, head_dim_v=dv, fp8=q.dtype == torch.float8_e4m3fn)
     num_splits = max(1, min(int(num_splits), MAX_SPLITS))
     # One split writes out and lse itself (no combine), as upstream does; the combine stays for
     # splits and for outputs the kernel cannot address (a strided out=).
