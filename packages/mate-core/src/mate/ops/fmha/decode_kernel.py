@@ -109,12 +109,12 @@ def default_config(head_dim: int, head_dim_v: int | None = None, fp8: bool = Fal
     TileLang 0.1.15 (its epilogue waits on ``ptx_wait_group(3 - t * 2)``, which the CUDA codegen
     rejects), hence the hand-written cp.async ring. Shared memory stays <= 112 KB (Q + the ring of
     K and V slots) so that two CTAs share an SM; with qv (dv 512: QV 64 KB, 36 KB per slot) one
-    CTA holds ~184 KB. FP8 at d = 128 takes blocks of bf16's bytes (128 keys) in 2 slots: 0.90 ms
-    vs 0.99 ms for 64 keys in 3-5 slots on the H100 (benchmarks/PERFORMANCE.md)."""
+    CTA holds ~184 KB. FP8 at d = 128 / 256 takes blocks of bf16's bytes (twice the keys) in 2 slots,
+    measured fastest on the H100 (benchmarks/PERFORMANCE.md, "split-KV decode")."""
     if head_dim_v is not None and head_dim_v != head_dim:
         return 32, 3
-    if fp8 and head_dim == 128:
-        return 128, 2
+    if fp8 and head_dim >= 128:
+        return 16384 // head_dim, 2  # 16 KB K and V blocks
     if head_dim <= 64:
         return 128, 3
     if head_dim <= 128:
