@@ -219,6 +219,29 @@ def test_m_grouped_masked_cuda_graph_replay():
         _check_masked(d, a, b, masked_m)
 
 
+def test_persistent_192_wide_tiles_every_layout(monkeypatch):
+    """128 x 192 tiles (persistent kernel) start in the middle of every other 128-row B scale block,
+    so a tile's columns take one of two scales: N = 2112 (11 whole tiles), 200 and 4104 (a partial
+    last tile whose second scale block lies past N), under each layout."""
+    monkeypatch.setattr(fp8_launch, "tile_for", lambda *args, **kwargs: "p128n192")
+    for m, n, k in [(129, 200, 256), (777, 2112, 1024), (300, 4104, 512)]:
+        a, b = _dense_inputs(m, n, k)
+        d = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        api.fp8_gemm_nt(a, b, d)
+        assert calc_diff(d, _expected(a, b)) < MAX_DIFF, (m, n, k)
+    a, b, m_indices = _contiguous_case(4, 200, 2112, 512)
+    d = torch.full((a[0].shape[0], 2112), float("nan"), dtype=torch.bfloat16, device="cuda")
+    api.m_grouped_fp8_gemm_nt_contiguous(a, b, d, m_indices)
+    expected = reference.m_grouped_gemm_nt_contiguous(a[0], b[0], m_indices, sfa=a[1], sfb=b[1],
+                                                      out_dtype=torch.float32)
+    assert (d[m_indices < 0] == 0).all() and calc_diff(d, expected) < MAX_DIFF
+    a, b = _masked_case(3, 256, 4104, 512)
+    masked_m = torch.tensor([0, 130, 256], dtype=torch.int32, device="cuda")
+    d = torch.full((3, 256, 4104), float("nan"), dtype=torch.bfloat16, device="cuda")
+    api.m_grouped_fp8_gemm_nt_masked(a, b, d, masked_m, 128)
+    _check_masked(d, a, b, masked_m)
+
+
 def test_masked_moe_gemm_8bit_with_signal():
     num_groups, max_m, n, k = 3, 256, 384, 512
     a, b = _masked_case(num_groups, max_m, n, k)

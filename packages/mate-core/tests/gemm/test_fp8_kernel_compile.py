@@ -18,6 +18,7 @@ from mate.ops.gemm import fp8_kernel, fp8_launch, support  # noqa: E402
     ({"n": 100}, "n must be a positive multiple of 8"),
     ({"layout": "ragged"}, "layout must be one of"),
     ({"block_n": 96}, "block_n"),
+    ({"block_n": 192}, "block_n"),  # 192 only in the persistent kernel
     ({"block_m": 64, "threads": 256}, "block_m"),
     ({"layout": "masked", "splits": 2}, "splits"),
     ({"block_n": 256, "splits": 2}, "splits"),
@@ -41,14 +42,15 @@ def test_kernel_variants_are_supported_dispatch_variants():
                                            ("masked", 7168, 2048, "m128n128"), ("masked", 4096, 7168, "m128n256"),
                                            ("dense", 2112, 7168, "m64n64s4"), ("dense", 7168, 2048, "p128n256"),
                                            ("dense", 2112, 7168, "p128n128"), ("contiguous", 4096, 7168, "p128n256"),
-                                           ("masked", 7168, 2048, "p128n256")])
+                                           ("masked", 7168, 2048, "p128n256"), ("dense", 2112, 7168, "p128n192"),
+                                           ("masked", 2112, 7168, "p128n192")])
 def test_kernel_compiles_for_sm90a(layout, n, k, tile):
     op = support.FP8_GEMM if layout == "dense" else support.M_GROUPED_FP8_GEMM
     kernel = jit.get_kernel(op.name, fp8_launch.kernel_variant(n, k, layout, tile),
                             platform.tilelang_target("sm_90a"), op.build)
     src = kernel.get_kernel_source()
     assert "tl::tma_load(a_desc" in src and "tl::tma_load(b_desc" in src and "tl::tma_load(sfa_desc" in src
-    block_n = min(fp8_kernel.TILES[tile]["block_n"], 128)  # 128 x 256 tiles: two 128-column wgmma passes
+    block_n = fp8_kernel.TILES[tile]["block_n"] % 256 or 128  # 128 x 256 tiles: two 128-column wgmma passes
     assert re.search(r"wgmma_ss<tl::DataType::kFloat8_e4m3, tl::DataType::kFloat8_e4m3, tl::DataType::kFloat32, "
                      rf"64, {block_n}, 32", src)
     assert "warpgroup_reg_dealloc" in src and "warpgroup_reg_alloc" in src  # producer / consumer split

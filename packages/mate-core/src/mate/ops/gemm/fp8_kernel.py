@@ -69,6 +69,7 @@ TILES = {"m128n128": {**_M128, "block_n": 128, "num_stages": 4},
          "m64n128": {**_M64, "block_n": 128, "num_stages": 6},
          "m64n64": {**_M64, "block_n": 64, "num_stages": 8},
          "p128n256": {**_M128, "block_n": 256, "num_stages": 3, "persistent": True},
+         "p128n192": {**_M128, "block_n": 192, "num_stages": 4, "persistent": True},
          "p128n128": {**_M128, "block_n": 128, "num_stages": 5, "persistent": True},
          **{f"m128n64s{s}": {**_M128, "block_n": 64, "num_stages": 6, "splits": s} for s in (2, 4, 8)},
          **{f"m64n64s{s}": {**_M64, "block_n": 64, "num_stages": 8, "splits": s} for s in (2, 4, 8)}}
@@ -104,24 +105,24 @@ def fp8_gemm_kernel(n: int, k: int, layout: str = "dense", *, block_m: int = 128
                     persistent: bool = False):
     """Build the prim_func (not compiled) for weights of shape (n, k). `splits` > 1 (dense only):
     split-K over that many CTAs per tile (see `_split_kernel`); `persistent` (block_m 128, block_n
-    128 or 256): `persistent_kernel`."""
+    128, 192 or 256): `persistent_kernel`."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if k <= 0 or k % BLOCK_K:
         raise ValueError(f"k must be a positive multiple of {BLOCK_K}, got {k}")
     if n <= 0 or n % 8:
         raise ValueError(f"n must be a positive multiple of 8 (16-byte rows of D), got {n}")
-    if block_n not in (16, 32, 64, 128, 256):
-        raise ValueError(f"block_n must be 16, 32, 64, 128 (inside one 128-row B scale block) or 256 (two), "
-                         f"got {block_n}")
+    if block_n not in (16, 32, 64, 128, 256) and not (persistent and block_n == 192):
+        raise ValueError(f"block_n must be 16, 32, 64, 128 (inside one 128-row B scale block), 256 (two) or, "
+                         f"persistent, 192, got {block_n}")
     if block_m not in (64, 128) or threads != 2 * block_m:
         raise ValueError("block_m must be 64 or 128 with one consumer warpgroup (128 threads) per 64 rows, got "
                          f"block_m {block_m}, threads {threads}")
     if splits < 1 or (splits > 1 and (layout != "dense" or block_n == 256)):
         raise ValueError(f"splits must be 1, or > 1 with the dense layout and block_n <= 128, got {splits} "
                          f"({layout}, block_n {block_n})")
-    if persistent and (block_m != 128 or block_n not in (128, 256) or splits > 1):
-        raise ValueError(f"persistent needs block_m 128, block_n 128 or 256 and no splits, got "
+    if persistent and (block_m != 128 or block_n not in (128, 192, 256) or splits > 1):
+        raise ValueError(f"persistent needs block_m 128, block_n 128, 192 or 256 and no splits, got "
                          f"{block_m} x {block_n}, splits {splits}")
     if persistent:
         return persistent_kernel(n, k, layout, block_n=block_n, num_stages=num_stages, panel=panel)
@@ -354,12 +355,17 @@ def persistent_kernel(n: int, k: int, layout: str = "dense", *, block_n: int = 2
     CTAs walk the 128 x block_n tiles t = cta, cta + ctas, ... in the panel order (masked: the
     live tiles only, counted from masked_m on the device; see `_locate`); the producer warpgroup
     streams A, B, A's and B's scales into a `num_stages` ring across tile boundaries, so the next
-    tile's loads overlap this tile's epilogue. block_n 256 runs as two 128-column halves (one B
-    scale block each), as in `_wide_kernel`. The bf16 stores are TMA stores whose reads of the
-    staging tiles are waited for only before the next tile's epilogue overwrites them (masked: row-
-    guarded stores for a group's last, partial block)."""
-    bm, half = 128, 128
-    halves = block_n // half
+    tile's loads overlap this tile's epilogue. block_n 256 runs as two 128-column passes (one B
+    scale block each), as in `_wide_kernel`; block_n 192 as one pass whose tile may start in the
+    middle of a B scale block (N = 2112 is 11 such tiles: 2.7 waves of 128 x 192 at M = 4096
+    where 128 x 128 takes 4.1 and 128 x 256 2.2), so its columns take the first or the second of
+    two scales. The bf16 stores are TMA stores whose reads of the staging tiles are waited for
+    only before the next tile's epilogue overwrites them (masked: row-guarded stores for a
+    group's last, partial block)."""
+    bm = 128
+    width = 128 if block_n == 256 else block_n  # columns per wgmma pass
+    passes = block_n // width
+    straddles = block_n % 128 != 0
     kb_count = k // BLOCK_K
     nb_count = -(-n // 128)
     n_blocks = -(-n // block_n)
@@ -368,26 +374,31 @@ def persistent_kernel(n: int, k: int, layout: str = "dense", *, block_n: int = 2
     M, GA = sig.M, sig.GA
 
     @T.macro
-    def half_step(a_tile, b_tile, sa_s, sb_s, st, h, partial, acc):
-        # One 64 x 128 x 128 wgmma per warpgroup, then its promotion into the half's accumulator.
+    def pass_step(a_tile, b_tile, sa_s, sb_s, st, h, first_cols, partial, acc):
+        # One 64 x width x 128 wgmma per warpgroup, then its promotion into the pass's accumulator:
+        # pass h's columns lie in B scale block h, or (straddles) the first `first_cols` in block 0.
         T.wgmma_gemm(a_tile, b_tile, partial, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
         T.wait_wgmma(0)
-        for i, c in T.Parallel(bm, half):
-            acc[i, c] += partial[i, c] * (sa_s[st, i] * sb_s[st, h])
+        if straddles:
+            for i, c in T.Parallel(bm, width):
+                acc[i, c] += partial[i, c] * (sa_s[st, i] * T.if_then_else(c < first_cols, sb_s[st, 0], sb_s[st, 1]))
+        else:
+            for i, c in T.Parallel(bm, width):
+                acc[i, c] += partial[i, c] * (sa_s[st, i] * sb_s[st, h])
 
     @T.prim_func
     def fp8_gemm_persistent(a: sig.a, b: sig.b, d: sig.d, sfa: sig.sfa, sfb: sig.sfb, aux: sig.aux, ctas: T.int32):
         with T.Kernel(ctas, threads=384) as cta:
             a_s = T.alloc_shared((S, bm, BLOCK_K), FP8)
-            b0_s = T.alloc_shared((S, half, BLOCK_K), FP8)
-            b1_s = T.alloc_shared((S, half, BLOCK_K), FP8)
+            b0_s = T.alloc_shared((S, width, BLOCK_K), FP8)
+            b1_s = T.alloc_shared((S, width, BLOCK_K), FP8)
             sa_s = T.alloc_shared((S, bm), ACC)
             sb_s = T.alloc_shared((S, 2), ACC)
-            d0_s = T.alloc_shared((bm, half), OUT)
-            d1_s = T.alloc_shared((bm, half), OUT)
-            partial = T.alloc_fragment((bm, half), ACC)
-            acc0 = T.alloc_fragment((bm, half), ACC)
-            acc1 = T.alloc_fragment((bm, half), ACC)
+            d0_s = T.alloc_shared((bm, width), OUT)
+            d1_s = T.alloc_shared((bm, width), OUT)
+            partial = T.alloc_fragment((bm, width), ACC)
+            acc0 = T.alloc_fragment((bm, width), ACC)
+            acc1 = T.alloc_fragment((bm, width), ACC)
             full = T.alloc_barrier([128] * S)
             empty = T.alloc_barrier([256] * S)
             tx = T.get_thread_binding()
@@ -405,15 +416,16 @@ def persistent_kernel(n: int, k: int, layout: str = "dense", *, block_n: int = 2
                     for kb in T.serial(kb_count):
                         j = it * kb_count + kb
                         st = j % S
-                        sb0 = sfb[expert, bx * halves, kb]
-                        sb1 = sfb[expert, T.min(bx * halves + 1, nb_count - 1), kb]
+                        # The scale blocks of the tile's first and last columns (past N: never stored).
+                        sb0 = sfb[expert, bx * block_n // 128, kb]
+                        sb1 = sfb[expert, T.min(bx * block_n // 128 + 1, nb_count - 1), kb]
                         T.barrier_wait(empty[st], (j // S) % 2 ^ 1)
                         T.tma_copy(a[g, by * bm:by * bm + bm, kb * BLOCK_K:kb * BLOCK_K + BLOCK_K], a_s[st, :, :],
                                    barrier=full[st])
-                        T.tma_copy(b[expert, bx * block_n:bx * block_n + half, kb * BLOCK_K:kb * BLOCK_K + BLOCK_K],
+                        T.tma_copy(b[expert, bx * block_n:bx * block_n + width, kb * BLOCK_K:kb * BLOCK_K + BLOCK_K],
                                    b0_s[st, :, :], barrier=full[st])
-                        if halves == 2:
-                            T.tma_copy(b[expert, bx * block_n + half:bx * block_n + 2 * half,
+                        if passes == 2:
+                            T.tma_copy(b[expert, bx * block_n + width:bx * block_n + 2 * width,
                                          kb * BLOCK_K:kb * BLOCK_K + BLOCK_K], b1_s[st, :, :], barrier=full[st])
                         T.tma_copy(sfa[g, kb, by * bm:by * bm + bm], sa_s[st, :], barrier=full[st])
                         if tx == 256:
@@ -424,37 +436,38 @@ def persistent_kernel(n: int, k: int, layout: str = "dense", *, block_n: int = 2
                 T.set_max_nreg(240, 1)
                 for it in T.serial(my_tiles):
                     g, bx, by = _locate(layout, aux, M, GA, cta + it * ctas, n_blocks, panel, bm)
+                    first_cols = 128 - bx * block_n % 128
                     T.clear(acc0)
-                    if halves == 2:
+                    if passes == 2:
                         T.clear(acc1)
                     for kb in T.serial(kb_count):
                         j = it * kb_count + kb
                         st = j % S
                         T.barrier_wait(full[st], (j // S) % 2)
-                        half_step(a_s[st, :, :], b0_s[st, :, :], sa_s, sb_s, st, 0, partial, acc0)
-                        if halves == 2:
-                            half_step(a_s[st, :, :], b1_s[st, :, :], sa_s, sb_s, st, 1, partial, acc1)
+                        pass_step(a_s[st, :, :], b0_s[st, :, :], sa_s, sb_s, st, 0, first_cols, partial, acc0)
+                        if passes == 2:
+                            pass_step(a_s[st, :, :], b1_s[st, :, :], sa_s, sb_s, st, 1, first_cols, partial, acc1)
                         T.barrier_arrive(empty[st])
                     m0 = by * bm
                     if layout == "contiguous":  # padding rows (expert -1) are written as zeros
-                        for i, c in T.Parallel(bm, half):
+                        for i, c in T.Parallel(bm, width):
                             keep = aux[T.min(m0 + i, M - 1)] >= 0
                             acc0[i, c] = T.if_then_else(keep, acc0[i, c], T.float32(0))
-                            if halves == 2:
+                            if passes == 2:
                                 acc1[i, c] = T.if_then_else(keep, acc1[i, c], T.float32(0))
                     T.tma_store_wait(0)  # the previous tile's stores have read the staging tiles
                     T.copy(acc0, d0_s)
-                    if halves == 2:
+                    if passes == 2:
                         T.copy(acc1, d1_s)
                     rows = rows_of(layout, aux, M, m0, g)
                     if layout == "masked" and rows < bm:
-                        store_tile(d, d0_s, g, m0, bx * block_n, rows, n, True, bm, half)
-                        if halves == 2:
-                            store_tile(d, d1_s, g, m0, bx * block_n + half, rows, n, True, bm, half)
+                        store_tile(d, d0_s, g, m0, bx * block_n, rows, n, True, bm, width)
+                        if passes == 2:
+                            store_tile(d, d1_s, g, m0, bx * block_n + width, rows, n, True, bm, width)
                     else:
-                        T.tma_copy(d0_s, d[g, m0:m0 + bm, bx * block_n:bx * block_n + half])
-                        if halves == 2:
-                            T.tma_copy(d1_s, d[g, m0:m0 + bm, bx * block_n + half:bx * block_n + 2 * half])
+                        T.tma_copy(d0_s, d[g, m0:m0 + bm, bx * block_n:bx * block_n + width])
+                        if passes == 2:
+                            T.tma_copy(d1_s, d[g, m0:m0 + bm, bx * block_n + width:bx * block_n + 2 * width])
                 T.tma_store_wait(0)
 
     return fp8_gemm_persistent

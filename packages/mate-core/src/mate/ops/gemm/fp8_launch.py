@@ -26,8 +26,10 @@ _split_flags: dict[tuple[torch.device, torch.Stream], torch.Tensor] = {}
 
 SMALL_M = 128  # dense calls with M <= SMALL_M are weight-bandwidth-bound: tiles chosen to fill the SMs
 # The compute-bound tiles' measured throughput per SM relative to 128 x 128 (H100, M = 4096: 128 x 256
-# tiles 1.20-1.27x faster, as they read A from L2 half as often; benchmarks/PERFORMANCE.md "gemm").
-TILE_SPEED = {"m128n128": 1.0, "m128n256": 1.2}
+# tiles 1.20-1.27x faster, as they read A from L2 half as often; 128 x 192 as fast as 128 x 256 where
+# both fill their waves (24576 x 1536), counted lower so that it is taken only where the waves call for
+# it, as at N = 2112: 1.2x 128 x 128 there; benchmarks/PERFORMANCE.md "gemm").
+TILE_SPEED = {"m128n128": 1.0, "m128n192": 1.1, "m128n256": 1.2}
 # Small-M tile buckets (split-K ones included) that tile_for chooses among.
 SMALL_M_TILES = ("m128n256", "m128n128", "m128n64", "m64n256", "m64n128", "m64n64", "m128n64s2", "m128n64s4",
                  "m128n64s8", "m64n64s2", "m64n64s4", "m64n64s8")
@@ -53,8 +55,8 @@ def tile_for(m: int, n: int, k: int, layout: str, sms: int = 132, groups: int = 
       the SMs, ties to the taller tile (B read once), then to fewer splits; if none fits, the one
       with the fewest blocks. Measured at M = 64 and 128 on the six DeepSeek-V3 shapes against 6
       to 18 candidate tiles each, this picks the fastest in 11 of 12 cases (the 12th within 3%).
-    * Otherwise (compute-bound; the M-grouped layouts always, with their 128-row blocks): 128 x 128
-      or 128 x 256, whichever finishes first counting whole waves over the SMs: waves x tile
+    * Otherwise (compute-bound; the M-grouped layouts always, with their 128-row blocks): 128 x 128,
+      128 x 192 or 128 x 256, whichever finishes first counting whole waves over the SMs: waves x tile
       area / the tile's measured speed (DeepGEMM's heuristic in spirit), run by the persistent
       kernel (p128n*; H100: 1.04-1.24x the one-CTA-per-tile kernel on DeepGEMM's grouped shapes,
       1.09x on dense 4096 x 7168 x 16384; benchmarks/PERFORMANCE.md "gemm")."""
@@ -71,8 +73,8 @@ def tile_for(m: int, n: int, k: int, layout: str, sms: int = 132, groups: int = 
             return max(fitting, key=keys.get)
         return min(keys, key=lambda tile: (keys[tile][0], -keys[tile][1], -keys[tile][2]))
     best, best_cost = None, None
-    for tile in ("m128n128", "m128n256"):
-        bm, bn, _ = _tile_shape(tile, k)
+    for tile in TILE_SPEED:
+        bm, bn, _ = _tile_shape("p" + tile[1:], k)
         tiles = groups * -(-m // bm) * -(-n // bn)
         cost = -(-tiles // sms) * bm * bn / TILE_SPEED[tile]
         if best_cost is None or cost < best_cost - 1e-9:
