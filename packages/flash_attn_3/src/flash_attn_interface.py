@@ -292,8 +292,10 @@ class _ForwardOnlyFunction(torch.autograd.Function):
     def run(cls, *args):
         """`apply` when autograd would record the call (an input requires grad), else the forward
         itself: inference records nothing, and `apply` costs ~15 us of host time per call."""
-        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            return cls.apply(*args)
+        if torch.is_grad_enabled():
+            for a in args:  # a loop: any(<generator>) over the ~17 arguments costs ~2 us more
+                if isinstance(a, torch.Tensor) and a.requires_grad:
+                    return cls.apply(*args)
         return cls.forward(None, *args)
 
 

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from mate import cli, env
@@ -27,6 +29,19 @@ def test_value_changes_are_seen(monkeypatch):
     assert env.get("MATE_LOGLEVEL") == 3
     monkeypatch.setenv("MATE_LOGLEVEL", "10")
     assert env.get("MATE_LOGLEVEL") == 10
+
+
+def test_unset_and_direct_writes_are_seen(monkeypatch):
+    monkeypatch.setenv("MATE_BACKEND", "reference")
+    assert env.get("MATE_BACKEND") == "reference"
+    monkeypatch.delenv("MATE_BACKEND")
+    assert env.get("MATE_BACKEND") == "auto"
+    os.environ["MATE_BACKEND"] = "tilelang"  # not through monkeypatch
+    try:
+        assert env.get("MATE_BACKEND") == "tilelang"
+    finally:
+        del os.environ["MATE_BACKEND"]
+    assert env.get("MATE_BACKEND") == "auto"
 
 
 def test_env_command_flags_invalid_values(monkeypatch, capsys):

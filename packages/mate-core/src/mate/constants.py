@@ -3,28 +3,34 @@ kernel to make them: each small torch op costs a serving stack ~5 us of host tim
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import torch
 
 from mate import platform
 
 _cache: dict[tuple, torch.Tensor] = {}
+# The rows handed out, by (kind, length, device): slicing is a torch op of its own. They keep the
+# tensor they view alive when it grows, so a graph that captured them still reads valid memory.
+_rows: dict[tuple, torch.Tensor] = {}
 
 
-def _cached(kind: str, length: int, device: torch.device,
+def _cached(kind: Hashable, length: int, device: torch.device,
             make: Callable[[int, torch.device], torch.Tensor]) -> torch.Tensor:
     """The first `length` rows of a cached tensor (grown by doubling). Inside a graph capture a
     missing one is made for the call and not kept: the capture's memory pool owns it, and it
     holds data only once the graph replays."""
-    key = (kind, device)
-    cached = _cache.get(key)
-    if cached is not None and cached.shape[0] >= length:
-        return cached[:length]
-    made = make(max(length, 2 * (0 if cached is None else cached.shape[0]), 256), device)
-    if not platform.is_capturing(device):
-        _cache[key] = made
-    return made[:length]
+    key = (kind, length, device)
+    rows = _rows.get(key)
+    if rows is None:
+        grown = _cache.get((kind, device))
+        if grown is None or grown.shape[0] < length:
+            grown = make(max(length, 2 * (0 if grown is None else grown.shape[0]), 256), device)
+            if platform.is_capturing(device):
+                return grown[:length]
+            _cache[(kind, device)] = grown
+        rows = _rows[key] = grown[:length]
+    return rows
 
 
 def iota(length: int, device: torch.device) -> torch.Tensor:
@@ -37,6 +43,7 @@ def zeros(length: int, device: torch.device) -> torch.Tensor:
     return _cached("zeros", length, device, lambda n, dev: torch.zeros(n, dtype=torch.int32, device=dev))
 
 
-def unread_float(device: torch.device) -> torch.Tensor:
-    """A float32 (1, 1) tensor to pass where a kernel variant reads nothing."""
-    return _cached("unread_float", 1, device, lambda n, dev: torch.zeros(n, 1, dtype=torch.float32, device=dev))
+def unread(dtype: torch.dtype, dims: int, device: torch.device) -> torch.Tensor:
+    """A `dims`-D tensor of one `dtype` zero, to pass where a kernel variant reads nothing."""
+    return _cached(("unread", dtype, dims), 1, device,
+                   lambda n, dev: torch.zeros((n,) + (1,) * (dims - 1), dtype=dtype, device=dev))

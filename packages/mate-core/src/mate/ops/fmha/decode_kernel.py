@@ -91,6 +91,8 @@ import tilelang.language as T
 import torch
 
 from mate import constants, jit, platform
+from mate.ops.fmha import api as fmha_api
+from mate.ops.fmha import attention
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -482,9 +484,6 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
     heads_q, seqlen_q), or (heads_q, total_q) with cu_seqlens_q) are written in place.
     num_splits <= 0 picks the count from static sizes.
     """
-    from mate.ops.fmha.api import _combine
-    from mate.ops.fmha.attention import DECODE
-
     varlen_q = cu_seqlens_q is not None
     heads_q, d = q.shape[-2:]
     heads_k, dv = k.shape[2], v.shape[-1]
@@ -510,7 +509,7 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
     rows = seqlen_q * (heads_q // heads_k)
     if num_splits <= 0:
         num_splits = num_splits_heuristic(batch, heads_k, -(-rows // BLOCK_M), -(-span // max(cp_world_size, 1)), d,
-                                          info.multiprocessors, head_dim_v=dv, fp8=q.dtype == torch.float8_e4m3fn)
+                                          info.multiprocessors, MAX_SPLITS, dv, q.dtype == torch.float8_e4m3fn)
     num_splits = max(1, min(int(num_splits), MAX_SPLITS))
     # One split writes out and lse itself (no combine), as upstream does; the combine stays for
     # splits and for outputs the kernel cannot address (a strided out=).
@@ -522,40 +521,43 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
                "local": left >= 0 or (right >= 0 and not causal) or attention_chunk > 0,
                "softcap": softcap > 0, "cp": cp, "varlen_q": varlen_q, "head_dim_v": dv, "qv": qv is not None,
                "split_kv": split_kv}
-        kernel = jit.get_kernel(DECODE.name, var, info.tilelang_target, DECODE.build)
+        kernel = jit.get_kernel(attention.DECODE.name, var, info.tilelang_target, attention.DECODE.build)
+    # Views only where the rank differs: each is a torch op (a few us of host time on the GPU machine).
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q = q if varlen_q else q.view(total_q, heads_q, d)
     if split_kv:
         # The kernel writes every query row once per split: (splits, total_q, heads, d) and its LSE
         # (splits, heads, total_q); the combine reads them as (splits, batch, seqlen, heads, d) views.
         out_partial = torch.empty(num_splits, total_q, heads_q, dv, dtype=torch.float32, device=device)
         lse_partial = torch.empty(num_splits, heads_q, total_q, dtype=torch.float32, device=device)
     else:
-        out_partial, lse_partial = out.view(total_q, heads_q, dv), softmax_lse.view(-1)
+        out_partial, lse_partial = (out if varlen_q else out.view(total_q, heads_q, dv)), softmax_lse.view(-1)
     if seqused_k is None:
         seqused_k = torch.full((batch,), max_seqlen_k, dtype=torch.int32, device=device)
-    seqused_k = seqused_k.to(torch.int32).contiguous()
+    seqused_k = _as(seqused_k, torch.int32)
 
     def int_vector(value):  # an unused flag's tensor is never read: pass seqused_k
-        return seqused_k if value is None else value.to(torch.int32).contiguous()
+        return seqused_k if value is None else _as(value, torch.int32)
 
-    unread = constants.unread_float(device)  # stands for the float32 inputs a kernel variant does not read
-    sinks = unread.view(-1) if learnable_sink is None else learnable_sink.to(torch.float32).contiguous()
+    # Cached stand-ins for the inputs a kernel variant does not read.
+    sinks = _as(learnable_sink, torch.float32) if learnable_sink is not None else constants.unread(
+        torch.float32, 1, device)
     if q.dtype == torch.float8_e4m3fn:  # float32 (batch, heads_k) descales, 1 where not given
         ones = None if all(t is not None for t in (q_descale, k_descale, v_descale)) else torch.ones(
             batch, heads_k, dtype=torch.float32, device=device)
         descales = [ones if t is None else t.to(torch.float32).expand(batch, heads_k).contiguous()
                     for t in (q_descale, k_descale, v_descale)]
     else:
-        descales = (unread,) * 3
-    table = page_table.to(torch.int32).contiguous() if paged else seqused_k.view(1, -1)  # not read when dense
+        descales = (constants.unread(torch.float32, 2, device),) * 3
+    table = _as(page_table, torch.int32) if paged else constants.unread(torch.int32, 2, device)
     if varlen_q:
         tile_seq, tile_row = _varlen_tiles(cu_seqlens_q, heads_q // heads_k, total_q, seqlen_q)
         tile_count = tile_seq.shape[0]
     else:
         tile_seq = tile_row = seqused_k
         tile_count = batch * -(-rows // BLOCK_M)
-    qv = q.view(total_q, heads_q, d) if qv is None else qv.contiguous().view(total_q, heads_q, dv)
-    kernel(q.view(total_q, heads_q, d), qv, k, v, table, int_vector(cu_seqlens_q), tile_seq, tile_row, seqused_k,
+    qv = q if qv is None else qv.contiguous().view(total_q, heads_q, dv)
+    kernel(q, qv, k, v, table, int_vector(cu_seqlens_q), tile_seq, tile_row, seqused_k,
            int_vector(cache_batch_idx), int_vector(cache_leftpad), sinks, int_vector(cp_tot_seqused_k if cp else None),
            *descales, out_partial, lse_partial, tile_count,
            seqlen_q, float(softmax_scale), left, right, int(attention_chunk), float(softcap),
@@ -563,13 +565,18 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
     if not split_kv:
         return
     if varlen_q:  # one "batch" of total_q rows; the LSE is (heads, total_q)
-        _combine(out_partial.view(num_splits, 1, total_q, heads_q, dv),
-                 lse_partial.view(num_splits, heads_q, 1, total_q).permute(0, 2, 3, 1),
-                 out.unsqueeze(0), softmax_lse.unsqueeze(1).permute(1, 2, 0))
+        fmha_api._combine(out_partial.view(num_splits, 1, total_q, heads_q, dv),
+                          lse_partial.view(num_splits, heads_q, 1, total_q).permute(0, 2, 3, 1),
+                          out.unsqueeze(0), softmax_lse.unsqueeze(1).permute(1, 2, 0))
     else:
-        _combine(out_partial.view(num_splits, batch, seqlen_q, heads_q, dv),
-                 lse_partial.view(num_splits, heads_q, batch, seqlen_q).permute(0, 2, 3, 1),
-                 out, softmax_lse.transpose(1, 2))
+        fmha_api._combine(out_partial.view(num_splits, batch, seqlen_q, heads_q, dv),
+                          lse_partial.view(num_splits, heads_q, batch, seqlen_q).permute(0, 2, 3, 1),
+                          out, softmax_lse.transpose(1, 2))
+
+
+def _as(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`value` in `dtype`, contiguous (.to() is a torch op even when the dtype already matches)."""
+    return (value if value.dtype == dtype else value.to(dtype)).contiguous()
 
 
 def _varlen_tiles(cu_seqlens_q, group: int, total_q: int, max_seqlen_q: int):
