@@ -61,10 +61,23 @@ def _gpu_info(kind: str, index: int) -> DeviceInfo:
 
 
 _CPU = DeviceInfo("cpu", "cpu", None, 0, 0)
+# By torch.device naming its index (every tensor's device): a call asks several times, and one
+# dict lookup is cheaper than normalizing the device. Devices without an index follow the current
+# device, so they are looked up each time.
+_by_device: dict[torch.device, DeviceInfo] = {}
 
 
 def device_info(device: torch.device | str | None = None) -> DeviceInfo:
     """Facts about `device` (default: the default device, see :func:`default_device`)."""
+    info = _by_device.get(device)
+    if info is None:
+        info = _device_info(device)
+        if isinstance(device, torch.device) and (device.index is not None or device.type == "cpu"):
+            _by_device[device] = info
+    return info
+
+
+def _device_info(device: torch.device | str | None) -> DeviceInfo:
     device = torch.device(device) if device is not None else default_device()
     if device.type == "cpu":
         return _CPU

@@ -53,12 +53,21 @@ def combine_variant(head_dim: int, out_dtype: torch.dtype) -> dict:
 
 def _combine(out_partial: torch.Tensor, lse_partial: torch.Tensor, out: torch.Tensor,
              softmax_lse: torch.Tensor) -> None:
+    """The mate::fmha_combine op (its schema: the four tensors), on any layout flash_attn_combine accepts."""
+    combine_into(out_partial, lse_partial, out, softmax_lse)
+
+
+def combine_into(out_partial: torch.Tensor, lse_partial: torch.Tensor, out: torch.Tensor, softmax_lse: torch.Tensor,
+                 laid_out: bool = False, backend: str = "auto") -> None:
+    """The combine op's body. laid_out: the caller guarantees what combine_kernel.check_layout checks
+    (decode_kernel.launch does for the partials it allocates), so it is not checked again. backend:
+    dispatch.select's per-call choice."""
     head_dim = out_partial.shape[-1]
     # The kernel works on head dims that are multiples of 4 (16-byte loads); like upstream,
     # other head dims run padded.
     kernel_head_dim = -(-head_dim // 4) * 4
     variant = combine_variant(kernel_head_dim, out.dtype)
-    if dispatch.select(COMBINE, variant, out_partial.device) == "reference":
+    if dispatch.select(COMBINE, variant, out_partial.device, backend) == "reference":
         merged, lse = reference.flash_attn_combine(out_partial, lse_partial)
         out.copy_(merged)
         softmax_lse.copy_(lse)
@@ -67,7 +76,8 @@ def _combine(out_partial: torch.Tensor, lse_partial: torch.Tensor, out: torch.Te
 
     target = platform.device_info(out_partial.device).tilelang_target
     kernel = jit.get_kernel(COMBINE.name, variant, target, COMBINE.build)
-    if kernel_head_dim == head_dim and combine_kernel.check_layout(out_partial, lse_partial, out, softmax_lse):
+    if kernel_head_dim == head_dim and (
+            laid_out or combine_kernel.check_layout(out_partial, lse_partial, out, softmax_lse)):
         kernel(*combine_kernel.launch_args(out_partial, lse_partial, out, softmax_lse))
         return
     # Layouts the kernel cannot address with aligned vector loads: compact, padded copies.

@@ -48,6 +48,9 @@ then rotates one channel pair per thread and iteration.
 """
 
 import tilelang.language as T
+import torch
+
+from mate import constants
 
 DTYPES = ("float16", "bfloat16", "float8_e4m3fn")  # FP8: rotation in float32, rounded back to e4m3
 TOKENS = 8  # rows per block
@@ -232,11 +235,11 @@ def launch(kernel, q, cu_seqlens_q, q_rot, k_new, v_new, cu_seqlens_new, k_cache
     q_blocks = -(-q.shape[0] // TOKENS) if rotary and q_rot is not None else 0
     if q_blocks == 0 and k_new.shape[0] == 0:
         return
-    placeholder = cu_seqlens_new
-    table = page_table if page_table is not None else placeholder.view(1, -1)
+    # Cached stand-ins for the inputs this call does not read.
+    table = page_table if page_table is not None else constants.unread(torch.int32, 2, q.device)
     if not rotary:
-        cos = sin = k_new.view(-1)[:1].view(1, 1) if k_new.numel() else q.view(-1)[:1].view(1, 1)
+        cos = sin = constants.unread(q.dtype, 2, q.device)
     kernel(q, cu_seqlens_q, q if q_rot is None else q_rot, k_new, v_new, cu_seqlens_new, k_cache, v_cache, table,
-           placeholder if cache_rows is None else cache_rows, cache_seqlens, rotary_start, cos, sin,
+           cu_seqlens_new if cache_rows is None else cache_rows, cache_seqlens, rotary_start, cos, sin,
            int(q_blocks), int(bool(q_per_token)), int(cos.shape[1]) if rotary else 0, int(bool(interleaved)),
            int(cache_rows is not None), int(page_table is not None))

@@ -654,7 +654,10 @@ def _forward(args: dict[str, Any], backend: str) -> None:
             attention_chunk=attention_chunk, softcap=args["softcap"], cp_world_size=cp_world_size,
             cp_rank=args["cp_rank"], cp_tot_seqused_k=args["cp_tot_seqused_k"], cu_seqlens_q=args["cu_seqlens_q"],
             max_seqlen_q=args["max_seqlen_q"], q_descale=args["q_descale"], k_descale=args["k_descale"],
-            v_descale=args["v_descale"], qv=args["qv"])
+            v_descale=args["v_descale"], qv=args["qv"],
+            # An "auto" dispatch of the decode kernel read MATE_BACKEND and chose the kernel, as the
+            # combine's would (it takes every output the decode kernel writes): no second reading.
+            combine_backend="tilelang" if choice == "auto" else "auto")
         return
     if select_backend(variant, q.device, backend) == "tilelang":
         _launch_kernel(variant, args)

@@ -469,7 +469,8 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
            num_splits: int = 0, kernel=None, cache_batch_idx=None, cache_leftpad=None, learnable_sink=None,
            window: tuple[int, int] = (-1, -1), attention_chunk: int = 0, softcap: float = 0.0,
            cp_world_size: int = 1, cp_rank: int = 0, cp_tot_seqused_k=None, cu_seqlens_q=None,
-           max_seqlen_q: int | None = None, q_descale=None, k_descale=None, v_descale=None, qv=None) -> None:
+           max_seqlen_q: int | None = None, q_descale=None, k_descale=None, v_descale=None, qv=None,
+           combine_backend: str = "auto") -> None:
     """Split kernel + combine on torch tensors; no host sync (CUDA-graph capturable).
 
     q (batch, seqlen_q, heads_q, d), or (total_q, heads_q, d) with cu_seqlens_q (batch + 1,) int32
@@ -482,7 +483,8 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
     heads_k) (None: 1) and write a bfloat16 out. qv (shaped like q, with v's head dim; d = 64, dv 256 or
     512) adds qv . v to the scores. out (shaped like q, v's head dim) and softmax_lse ((batch,
     heads_q, seqlen_q), or (heads_q, total_q) with cu_seqlens_q) are written in place.
-    num_splits <= 0 picks the count from static sizes.
+    num_splits <= 0 picks the count from static sizes. combine_backend: the combine's dispatch choice
+    (see dispatch.select).
     """
     varlen_q = cu_seqlens_q is not None
     heads_q, d = q.shape[-2:]
@@ -564,14 +566,20 @@ def launch(q, k, v, page_table, seqused_k, softmax_scale: float, causal: bool, o
            int(cp_world_size) if cp else 1, int(cp_rank) if cp else 0)
     if not split_kv:
         return
+    # The fresh partials meet the combine kernel's layout rules (aligned, strides multiples of dv), and
+    # so do contiguous outputs at a 4-element boundary while every stride stays below 2**31: skip the
+    # re-check (a few us of host time).
+    laid_out = (out.is_contiguous() and softmax_lse.is_contiguous() and out.data_ptr() % (4 * out.element_size()) == 0
+                and total_q * heads_q * dv < 2**31)
     if varlen_q:  # one "batch" of total_q rows; the LSE is (heads, total_q)
-        fmha_api._combine(out_partial.view(num_splits, 1, total_q, heads_q, dv),
-                          lse_partial.view(num_splits, heads_q, 1, total_q).permute(0, 2, 3, 1),
-                          out.unsqueeze(0), softmax_lse.unsqueeze(1).permute(1, 2, 0))
+        fmha_api.combine_into(out_partial.view(num_splits, 1, total_q, heads_q, dv),
+                              lse_partial.view(num_splits, heads_q, 1, total_q).permute(0, 2, 3, 1),
+                              out.unsqueeze(0), softmax_lse.unsqueeze(1).permute(1, 2, 0), laid_out,
+                              combine_backend)
     else:
-        fmha_api._combine(out_partial.view(num_splits, batch, seqlen_q, heads_q, dv),
-                          lse_partial.view(num_splits, heads_q, batch, seqlen_q).permute(0, 2, 3, 1),
-                          out, softmax_lse.transpose(1, 2))
+        fmha_api.combine_into(out_partial.view(num_splits, batch, seqlen_q, heads_q, dv),
+                              lse_partial.view(num_splits, heads_q, batch, seqlen_q).permute(0, 2, 3, 1),
+                              out, softmax_lse.transpose(1, 2), laid_out, combine_backend)
 
 
 def _as(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
