@@ -62,7 +62,7 @@ Design (per CTA: one block of block_m query rows of one head of one sequence):
   * key blocks are visited from the last visible one down to the first; only blocks that can
     hold a visible key are loaded (causal and window block skipping), and the element-wise
     mask is applied only to blocks that straddle a boundary. Causal grids start the longest
-    query blocks of every group of 8 heads first (``tile_coords``).
+    query blocks of every group of 8 (head, sequence) pairs first (``tile_coords``).
   * a tile that sees no key runs one fully masked block rather than branching around the
     gemms: ptxas serializes every wgmma of a kernel when one sits on a divergent path.
   * epilogue: O / row_sum in registers -> shared memory (reusing the Q tile when head_dim_v ==
