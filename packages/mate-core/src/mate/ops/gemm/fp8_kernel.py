@@ -455,7 +455,8 @@ def persistent_kernel(n: int, k: int, layout: str = "dense", *, block_n: int = 2
                         j = it * kb_count + kb
                         st = j % S
                         T.barrier_wait(full[st], (j // S) % 2)
-                        pass_step(a_s[st, :, :], b0_s[st, :, :], sa_s, sb_s, st, 0, first_cols, partial, acc0, scale0, scale1)
+                        pass_step(a_s[st, :, :], b0_s[st, :, :], sa_s, sb_s, st, 0, first_cols, partial, acc0,
+                                  scale0, scale1)
                         if passes == 2:
                             pass_step(a_s[st, :, :], b1_s[st, :, :], sa_s, sb_s, st, 1, first_cols, partial, acc1,
                                       scale0, scale1)
