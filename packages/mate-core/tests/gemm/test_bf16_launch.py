@@ -14,17 +14,20 @@ from mate.testing import kernels as kernel_checks  # noqa: E402
 SMS = kernel_checks.FAKE_GPU.multiprocessors
 
 
-@pytest.mark.parametrize("m,n,groups,tile", [
-    (64, 2112, 1, "m64n128"),  # few rows, few blocks: weight-bandwidth-bound
-    (4096, 7168, 1, "p128n256"),
-    (4096, 2112, 1, "m128n192"),  # fills the waves; measured faster than either persistent tile
-    (4096, 32768, 1, "p128n256"),
-    (512, 512, 128, "p128n256"),  # bmm: the batch is part of the tile space
-    (100, 512, 3, "p128n128"),  # 128 x 256 tiles would leave SMs idle
-    (1024, 1024, 2, "p128n128"),
+@pytest.mark.parametrize("m,n,k,groups,tile", [
+    (64, 2112, 7168, 1, "m64n128"),  # few rows, few blocks: weight-bandwidth-bound
+    (4096, 7168, 2048, 1, "p128n256"),
+    (4096, 2112, 7168, 1, "m128n192"),  # fills the waves; measured faster than either persistent tile
+    (4096, 32768, 2048, 1, "p128n256"),
+    (512, 512, 4096, 128, "p128n256"),  # bmm: the batch is part of the tile space
+    (100, 512, 4096, 3, "p128n128"),  # 128 x 256 tiles would leave SMs idle
+    (1024, 1024, 4096, 2, "p128n128"),
+    (4096, 32768, 512, 1, "p128n128"),  # short K
+    (1024, 1024, 1024, 64, "p128n128"),
+    (512, 512, 128, 128, "p128n256"),  # shorter still: the larger tile's fewer epilogues win
 ])
-def test_persistent_tile_rule(m, n, groups, tile):
-    assert bf16_launch.tile_for(m, n, groups, 132, persistent=True) == tile
+def test_persistent_tile_rule(m, n, k, groups, tile):
+    assert bf16_launch.tile_for(m, n, k, groups, 132, persistent=True) == tile
 
 
 def test_ctas_one_per_sm_or_per_tile():

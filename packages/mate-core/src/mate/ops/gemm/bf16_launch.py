@@ -23,17 +23,25 @@ FILL = 0.75
 # (more L2 bytes per FLOP).
 TILE_SPEED = {"m128n256": 1.0, "m128n192": 0.9, "m128n128": 0.85}
 PERSISTENT = {"m128n256": "p128n256", "m128n128": "p128n128"}  # bf16_kernel.persistent_kernel's tiles
+# Short K loops spend a larger share on each tile's epilogue; 128 x 128 tiles (a smaller staging tile,
+# a deeper ring) measured faster for K in SHORT_K (H100, TFLOP/s, 128 x 256 -> 128 x 128: bmm 64 x 1024^3
+# 659 -> 680, 32 x 2048 x 512 x 2048 625 -> 636, dense 4096 x 32768 x 512 565 -> 622), the same at K = 1536
+# and slower at K = 2048 (746 -> 729), 4096 (766 -> 701) and 128 (bmm 128 x 512 x 128 x 512: 41 -> 44 us,
+# where twice the tiles cost more than the deeper ring gains).
+SHORT_K = (512, 1024)
 
 
-def tile_for(m: int, n: int, groups: int, sms: int, persistent: bool = False) -> str:
+def tile_for(m: int, n: int, k: int, groups: int, sms: int, persistent: bool = False) -> str:
     """64 x 128 for small M with few blocks (weight-bandwidth-bound); otherwise the 128-row tile
     that finishes first counting whole waves over the SMs: waves x block_n / the tile's speed
     (128 x 192 fills the waves of N = 2112 where 128 x 256 leaves 2.2 waves). With `persistent`
     (the dense layout, a 16-bit D, no accumulator) the 128 x 256 and 128 x 128 tiles run in the
     persistent kernel (H100: 1.0-1.25x the one-CTA-per-tile kernel; 128 x 192 stays, for N = 2112
-    it measured 173 us against 205-219 us persistent)."""
+    it measured 173 us against 205-219 us persistent), and K in SHORT_K takes 128 x 128 tiles."""
     if m <= 64 and groups * -(-n // 128) < FILL * sms:
         return "m64n128"
+    if persistent and SHORT_K[0] <= k <= SHORT_K[1]:
+        return "p128n128"
     best, best_cost = None, None
     for tile, speed in TILE_SPEED.items():
         bn = int(tile.split("n")[-1])
@@ -113,7 +121,7 @@ def _launch(op_name: str, build, key: dict, m: int, n: int, groups: int, a, b, d
     info = platform.device_info(a.device)
     sms = info.multiprocessors
     persistent = key["layout"] == "dense" and not key["accumulate"] and key["out_dtype"] != torch.float32
-    tile = tile_for(m, n, groups, sms, persistent)
+    tile = tile_for(m, n, key["k"], groups, sms, persistent)
     kernel = jit.get_kernel(op_name, dict(key, n=int(n), tile=tile), info.tilelang_target, build)
     out = d if _packed(d) else (d.contiguous() if keep else torch.empty(d.shape, dtype=d.dtype, device=d.device))
     kernel(a, b, out, aux, *((ctas(tile, m, n, groups, sms),) if tile.startswith("p") else ()))
