@@ -36,6 +36,17 @@ def test_kernel_variants_are_supported_dispatch_variants():
         assert not op.support.violations(fp8_launch.kernel_variant(2112, 7168, layout))
 
 
+@pytest.mark.parametrize("m,n,k,layout,tile", [
+    (4096, 7168, 2048, "dense", "p128n256"),
+    (4096, 2112, 7168, "dense", "p128n192"),  # 128 x 192 fills the waves of N = 2112
+    (4096, 32768, 512, "dense", "p128n192"),  # short K: the deeper ring
+    (4096, 24576, 1536, "dense", "p128n256"),
+    (1024, 7168, 2048, "masked", "p128n256"),
+])
+def test_large_m_tile_rule(m, n, k, layout, tile):
+    assert fp8_launch.tile_for(m, n, k, layout, 132) == tile
+
+
 @pytest.mark.compile
 @pytest.mark.parametrize("layout,n,k,tile", [("dense", 2112, 7168, "m128n128"), ("dense", 7168, 2048, "m64n64"),
                                            ("dense", 7168, 2048, "m128n256"), ("contiguous", 4096, 7168, "m128n256"),

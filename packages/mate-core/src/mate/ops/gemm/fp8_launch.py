@@ -30,6 +30,11 @@ SMALL_M = 128  # dense calls with M <= SMALL_M are weight-bandwidth-bound: tiles
 # both fill their waves (24576 x 1536), counted lower so that it is taken only where the waves call for
 # it, as at N = 2112: 1.2x 128 x 128 there; benchmarks/PERFORMANCE.md "gemm").
 TILE_SPEED = {"m128n128": 1.0, "m128n192": 1.1, "m128n256": 1.2}
+# K <= SHORT_K (a few K blocks a tile, the epilogue's share large): 128 x 192 tiles, whose 4-stage ring runs
+# deeper through the epilogue than 128 x 256's 3 stages. H100, TFLOP/s, 128 x 256 / 128 x 192 / 128 x 128:
+# 4096 x 32768 x 512 864 / 918 / 865, M = 8192 881 / 938 / 876; at K = 1536 and 2048 128 x 256 stays
+# faster (1177 / 1144 / 1084, 1190 / 1100 / 1085).
+SHORT_K = 512
 # Small-M tile buckets (split-K ones included) that tile_for chooses among.
 SMALL_M_TILES = ("m128n256", "m128n128", "m128n64", "m64n256", "m64n128", "m64n64", "m128n64s2", "m128n64s4",
                  "m128n64s8", "m64n64s2", "m64n64s4", "m64n64s8")
@@ -59,7 +64,8 @@ def tile_for(m: int, n: int, k: int, layout: str, sms: int = 132, groups: int = 
       128 x 192 or 128 x 256, whichever finishes first counting whole waves over the SMs: waves x tile
       area / the tile's measured speed (DeepGEMM's heuristic in spirit), run by the persistent
       kernel (p128n*; H100: 1.04-1.24x the one-CTA-per-tile kernel on DeepGEMM's grouped shapes,
-      1.09x on dense 4096 x 7168 x 16384; benchmarks/PERFORMANCE.md "gemm")."""
+      1.09x on dense 4096 x 7168 x 16384; benchmarks/PERFORMANCE.md "gemm"); 128 x 192 for
+      K <= SHORT_K."""
     if layout == "dense" and m <= SMALL_M:
         rows = -(-m // 64) * 64
         keys = {}  # tile -> (blocks, block_m, -splits)
@@ -72,6 +78,8 @@ def tile_for(m: int, n: int, k: int, layout: str, sms: int = 132, groups: int = 
         if fitting:
             return max(fitting, key=keys.get)
         return min(keys, key=lambda tile: (keys[tile][0], -keys[tile][1], -keys[tile][2]))
+    if k <= SHORT_K:
+        return "p128n192"
     best, best_cost = None, None
     for tile in TILE_SPEED:
         bm, bn, _ = _tile_shape("p" + tile[1:], k)
