@@ -152,6 +152,7 @@ _SMEM_LIMIT = 227 * 1024  # Hopper: dynamic shared memory a block may opt into
 FP8 = "float8_e4m3fn"
 DTYPES = ("float16", "bfloat16", FP8)
 _FP8_K = 32  # keys per k step of an 8-bit wgmma; the P / V key permutation works in such groups
+FP8_P_SHIFT = 8.0  # log2 of the factor on FP8 P (see build)
 
 
 def fp8_key_of(j):
@@ -265,6 +266,12 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
     assert 128 * prod_regs + cons_threads * cons_regs <= launch_regs * cfg.threads
     acc = "float32"
     out_dtype = "bfloat16" if fp8 else dtype
+    # FP8: P = 2^p_shift * exp2(score - row max), in (0, 256] instead of (0, 1], so that the e4m3 P
+    # keeps 3 mantissa bits down to a weight of 2^-14 instead of rounding weights below 2^-6 to
+    # subnormals and those below 2^-10 to 0 (256 < 448, e4m3's largest value). H100, b=2, h=8,
+    # s=4096, error against float32 attention on the same fp8 inputs: relative 0.0098 -> 0.0087 with
+    # q scaled by 4 (peaked rows), 0.0252 -> 0.0249 unscaled; speed unchanged.
+    p_shift = FP8_P_SHIFT if fp8 else 0.0
     NEG_INF = -T.infinity(acc)
     BIG = 1 << 30  # stands for an unbounded window side
     BAR = _PINGPONG_BARRIER
@@ -307,8 +314,8 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
     @T.macro
     def online_softmax(s, m, m_prev, alpha, rs, cs):
         # m <- running row max; alpha <- rescale of the previous partial results;
-        # s <- exp2(s * cs - max * cs); rs <- row sums. A row whose max is still -inf uses 0 as
-        # its max, so its scores exp to 0 instead of NaN.
+        # s <- exp2(s * cs - max * cs + p_shift); rs <- row sums. A row whose max is still -inf uses
+        # 0 as its max, so its scores exp to 0 instead of NaN.
         T.copy(m, m_prev)
         if own_rows:
             T.call_extern("handle", f"mate_row_max<{bn // 2}>", s.data, m.data)
@@ -316,8 +323,12 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
             T.reduce_max(s, m, dim=1, clear=False)
         for i in T.Parallel(bm):
             alpha[i] = T.exp2(m_prev[i] * cs - T.if_then_else(m[i] == NEG_INF, 0, m[i] * cs))
-        for i, j in T.Parallel(bm, bn):
-            s[i, j] = T.exp2(s[i, j] * cs - T.if_then_else(m[i] == NEG_INF, 0, m[i] * cs))
+        if fp8:
+            for i, j in T.Parallel(bm, bn):
+                s[i, j] = T.exp2(s[i, j] * cs - (T.if_then_else(m[i] == NEG_INF, 0, m[i] * cs) - p_shift))
+        else:
+            for i, j in T.Parallel(bm, bn):
+                s[i, j] = T.exp2(s[i, j] * cs - T.if_then_else(m[i] == NEG_INF, 0, m[i] * cs))
         if own_rows:
             T.call_extern("handle", f"mate_row_sums<{bn // 2}>", s.data, rs.data)
         else:
@@ -531,8 +542,12 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
                     # ---- epilogue ----
                     if own_rows:
                         T.call_extern("handle", "mate_quad_sums", row_sum.data)  # partial -> full row sums
-                    # out = O * value_scale / row_sum; value_scale is v's descale (FP8) or 1.
-                    value_scale = T.alloc_var(acc, init=v_descale[bz, kh] if fp8 else 1.0)
+                    # out = O * value_scale / row_sum; value_scale is v's descale (FP8) or 1. FP8: O and
+                    # the row sums carry P's factor 2^p_shift; the sums drop it, value_scale takes it.
+                    value_scale = T.alloc_var(acc, init=v_descale[bz, kh] * 2.0 ** -p_shift if fp8 else 1.0)
+                    if fp8:
+                        for i in T.Parallel(bm):
+                            row_sum[i] = row_sum[i] * 2.0 ** -p_shift
                     if has_sink:
                         # The sink joins the denominator (log2 units, like m * cs): with
                         # top = max(m * cs, sink), O / (row_sum * 2^(m cs - top) + 2^(sink - top))
