@@ -311,6 +311,11 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
                 ok = T.Cast("uint32", c0 + j - key_lo[i]) < T.Cast("uint32", key_n[i])
                 s[i, j] = T.if_then_else(ok, s[i, j], NEG_INF)
 
+    def exp_offset(m, i, cs):
+        # What row i's scores (log2 units) lose before exp2: its max (0 while -inf), less p_shift.
+        offset = T.if_then_else(m[i] == NEG_INF, 0, m[i] * cs)
+        return offset - p_shift if fp8 else offset
+
     @T.macro
     def online_softmax(s, m, m_prev, alpha, rs, cs):
         # m <- running row max; alpha <- rescale of the previous partial results;
@@ -323,12 +328,8 @@ def build(dtype: str, head_dim: int, head_dim_v: int | None, causal: bool, has_w
             T.reduce_max(s, m, dim=1, clear=False)
         for i in T.Parallel(bm):
             alpha[i] = T.exp2(m_prev[i] * cs - T.if_then_else(m[i] == NEG_INF, 0, m[i] * cs))
-        if fp8:
-            for i, j in T.Parallel(bm, bn):
-                s[i, j] = T.exp2(s[i, j] * cs - (T.if_then_else(m[i] == NEG_INF, 0, m[i] * cs) - p_shift))
-        else:
-            for i, j in T.Parallel(bm, bn):
-                s[i, j] = T.exp2(s[i, j] * cs - T.if_then_else(m[i] == NEG_INF, 0, m[i] * cs))
+        for i, j in T.Parallel(bm, bn):
+            s[i, j] = T.exp2(s[i, j] * cs - exp_offset(m, i, cs))
         if own_rows:
             T.call_extern("handle", f"mate_row_sums<{bn // 2}>", s.data, rs.data)
         else:
