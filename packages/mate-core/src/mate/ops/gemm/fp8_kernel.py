@@ -229,6 +229,7 @@ def _split_kernel(n: int, k: int, parts: SimpleNamespace, *, block_m: int, block
             last = T.alloc_shared((1,), "int32")
             partial = T.alloc_fragment((block_m, block_n), ACC)
             acc = T.alloc_fragment((block_m, block_n), ACC)
+            total = T.alloc_fragment((block_m, block_n), ACC)
             tx = T.get_thread_binding()
 
             T.use_swizzle(panel_size=panel)
@@ -237,20 +238,28 @@ def _split_kernel(n: int, k: int, parts: SimpleNamespace, *, block_m: int, block
             tile = by * n_blocks + bx
             parts.k_loop(a, b, sfa, sfb, 0, 0, m0, n0, kz * steps, steps, a_s, b_s, sa_s, sb_s, partial, acc)
             T.copy(acc, ws[kz, m0:m0 + block_m, n0:n0 + block_n])
-            T.call_extern("handle", "__threadfence")  # this thread's partials reach L2 before the count
             T.sync_threads(SPLIT_BARRIER, threads)
             if tx == 0:
+                # One thread publishes the CTA's partials and counts the split: the barrier orders the
+                # other threads' stores before its fence, as in a cooperative-groups grid sync (one
+                # fence instead of one per thread), and its second fence orders the reads below.
+                T.call_extern("handle", "__threadfence")
                 last[0] = T.atomic_add(flags[tile], 1, return_prev=True)
+                T.call_extern("handle", "__threadfence")
             T.sync_threads(SPLIT_BARRIER, threads)
             if last[0] == splits - 1:
-                T.call_extern("handle", "__threadfence")
-                T.clear(acc)
+                # The splits summed in split order (deterministic), this CTA's own from its registers.
+                T.clear(total)
                 for s in T.unroll(splits):
-                    for i, j in T.Parallel(block_m, block_n):
-                        acc[i, j] += ws[s, m0 + i, n0 + j]
+                    if s == kz:
+                        for i, j in T.Parallel(block_m, block_n):
+                            total[i, j] += acc[i, j]
+                    else:
+                        for i, j in T.Parallel(block_m, block_n):
+                            total[i, j] += ws[s, m0 + i, n0 + j]
                 if tx == 0:
                     flags[tile] = 0
-                parts.store(d, acc, d_s, 0, m0, n0, M - m0)
+                parts.store(d, total, d_s, 0, m0, n0, M - m0)
 
     return fp8_gemm_split
 
