@@ -77,6 +77,7 @@ TILES = {"m128n128": {**_M128, "block_n": 128, "num_stages": 4},
 
 FP8, ACC, OUT = "float8_e4m3fn", "float32", "bfloat16"
 SPLIT_BARRIER = 8  # named barrier of the split-K fixup (TileLang's own syncs use lower ids)
+CLUSTER_SPLITS = 2  # split-K with this many splits sums over a cluster (no workspace; see _split_kernel)
 
 # Split-K over a cluster (see _split_kernel): a cluster-wide barrier (release / acquire), and the sum of the
 # cluster's staged fp32 partial tiles over its CTAs (rank order) for this CTA's share of the rows, stored as
@@ -261,7 +262,7 @@ def _split_kernel(n: int, k: int, parts: SimpleNamespace, *, block_m: int, block
     # and sum through distributed shared memory instead of the workspace: no fence or atomic round
     # trips. H100, 4096 x 7168: M = 64 17.5 -> 16.9 us, M = 128 19.4 -> 18.1. Clusters of 4 were
     # slower (2112 x 7168: 12.9 -> 18.3 us; its 33 clusters of 4 seem not to fit at once).
-    paired = splits == 2
+    paired = splits == CLUSTER_SPLITS
     if paired:
         grid, launch = (splits, n_blocks, T.ceildiv(M, block_m)), {"cluster_dims": (splits, 1, 1)}
     else:

@@ -140,9 +140,13 @@ def _fits_int32(*tensors: torch.Tensor) -> None:
 
 def _split_args(m: int, n: int, tile_shape: tuple[int, int, int], device: torch.device) -> list[torch.Tensor]:
     """The split-K kernel's extra arguments: the fp32 partial-tile workspace (whole tiles) and the
-    tile counters of the current stream (zeroed once; every call leaves them zero)."""
+    tile counters of the current stream (zeroed once; every call leaves them zero). The cluster
+    form (CLUSTER_SPLITS) reads neither: it gets a one-row workspace."""
+    from mate.ops.gemm import fp8_kernel
+
     bm, bn, splits = tile_shape
-    ws = torch.empty((splits, -(-m // bm) * bm, -(-n // bn) * bn), dtype=torch.float32, device=device)
+    rows = 1 if splits == fp8_kernel.CLUSTER_SPLITS else -(-m // bm) * bm
+    ws = torch.empty((splits, rows, -(-n // bn) * bn), dtype=torch.float32, device=device)
     key = (device, torch.get_device_module(device.type).current_stream(device))
     flags = _split_flags.get(key)
     if flags is None:
