@@ -295,6 +295,10 @@ def _split_kernel(n: int, k: int, parts: SimpleNamespace, *, block_m: int, block
             m0 = by * block_m
             n0 = bx * block_n
             tile = by * n_blocks + bx
+            if paired:
+                # TileLang's runtime launches every cluster kernel with programmatic stream serialization
+                # allowed: wait for the previous grid's writes (A) before reading anything.
+                T.pdl_sync()
             parts.k_loop(a, b, sfa, sfb, 0, 0, m0, n0, kz * steps, steps, a_s, b_s, sa_s, sb_s, partial, acc)
             if paired:
                 # Each CTA stages its partial tile, then sums and stores its half of the rows (split
