@@ -47,6 +47,19 @@ def test_large_m_tile_rule(m, n, k, layout, tile):
     assert fp8_launch.tile_for(m, n, k, layout, 132) == tile
 
 
+@pytest.mark.parametrize("m,n,k,tile", [
+    (64, 7168, 2048, "m64n64"),
+    (128, 7168, 2048, "p128n64"),  # ties with m128n64 (112 tiles): the persistent kernel
+    (96, 7168, 16384, "p128n64"),
+    (128, 24576, 1536, "p128n192"),  # 128 tiles fill more SMs than m128n256's 96
+    (64, 24576, 1536, "m64n256"),  # 128-row tiles only from 65 rows on
+    (128, 2112, 7168, "m128n64s4"),
+    (64, 4096, 7168, "m64n64s2"),
+])
+def test_small_m_tile_rule(m, n, k, tile):
+    assert fp8_launch.tile_for(m, n, k, "dense", 132) == tile
+
+
 @pytest.mark.compile
 @pytest.mark.parametrize("layout,n,k,tile", [("dense", 2112, 7168, "m128n128"), ("dense", 7168, 2048, "m64n64"),
                                            ("dense", 7168, 2048, "m128n256"), ("contiguous", 4096, 7168, "m128n256"),
@@ -54,7 +67,7 @@ def test_large_m_tile_rule(m, n, k, layout, tile):
                                            ("dense", 2112, 7168, "m64n64s4"), ("dense", 7168, 2048, "p128n256"),
                                            ("dense", 2112, 7168, "p128n128"), ("contiguous", 4096, 7168, "p128n256"),
                                            ("masked", 7168, 2048, "p128n256"), ("dense", 2112, 7168, "p128n192"),
-                                           ("masked", 2112, 7168, "p128n192")])
+                                           ("masked", 2112, 7168, "p128n192"), ("dense", 7168, 2048, "p128n64")])
 def test_kernel_compiles_for_sm90a(layout, n, k, tile):
     op = support.FP8_GEMM if layout == "dense" else support.M_GROUPED_FP8_GEMM
     kernel = jit.get_kernel(op.name, fp8_launch.kernel_variant(n, k, layout, tile),

@@ -71,6 +71,7 @@ TILES = {"m128n128": {**_M128, "block_n": 128, "num_stages": 4},
          "p128n256": {**_M128, "block_n": 256, "num_stages": 3, "persistent": True},
          "p128n192": {**_M128, "block_n": 192, "num_stages": 4, "persistent": True},
          "p128n128": {**_M128, "block_n": 128, "num_stages": 5, "persistent": True},
+         "p128n64": {**_M128, "block_n": 64, "num_stages": 8, "persistent": True},
          **{f"m128n64s{s}": {**_M128, "block_n": 64, "num_stages": 6, "splits": s} for s in (2, 4, 8)},
          **{f"m64n64s{s}": {**_M64, "block_n": 64, "num_stages": 8, "splits": s} for s in (2, 4, 8)}}
 
@@ -146,7 +147,7 @@ def fp8_gemm_kernel(n: int, k: int, layout: str = "dense", *, block_m: int = 128
                     persistent: bool = False):
     """Build the prim_func (not compiled) for weights of shape (n, k). `splits` > 1 (dense only):
     split-K over that many CTAs per tile (see `_split_kernel`); `persistent` (block_m 128, block_n
-    128, 192 or 256): `persistent_kernel`."""
+    64, 128, 192 or 256): `persistent_kernel`."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if k <= 0 or k % BLOCK_K:
@@ -162,8 +163,8 @@ def fp8_gemm_kernel(n: int, k: int, layout: str = "dense", *, block_m: int = 128
     if splits < 1 or (splits > 1 and (layout != "dense" or block_n == 256)):
         raise ValueError(f"splits must be 1, or > 1 with the dense layout and block_n <= 128, got {splits} "
                          f"({layout}, block_n {block_n})")
-    if persistent and (block_m != 128 or block_n not in (128, 192, 256) or splits > 1):
-        raise ValueError(f"persistent needs block_m 128, block_n 128, 192 or 256 and no splits, got "
+    if persistent and (block_m != 128 or block_n not in (64, 128, 192, 256) or splits > 1):
+        raise ValueError(f"persistent needs block_m 128, block_n 64, 128, 192 or 256 and no splits, got "
                          f"{block_m} x {block_n}, splits {splits}")
     if persistent:
         return persistent_kernel(n, k, layout, block_n=block_n, num_stages=num_stages, panel=panel)

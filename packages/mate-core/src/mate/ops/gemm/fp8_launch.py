@@ -35,9 +35,13 @@ TILE_SPEED = {"m128n128": 1.0, "m128n192": 1.1, "m128n256": 1.2}
 # 4096 x 32768 x 512 864 / 918 / 865, M = 8192 881 / 938 / 876; at K = 1536 and 2048 128 x 256 stays
 # faster (1177 / 1144 / 1084, 1190 / 1100 / 1085).
 SHORT_K = 512
-# Small-M tile buckets (split-K ones included) that tile_for chooses among.
+# Small-M tile buckets (split-K ones included) that tile_for chooses among. The persistent kernel's (p128n*,
+# one tile per CTA here) stream the B scales through the producer instead of a prologue before the first
+# load: at M = 128, H100, 4-6% faster than the one-CTA-per-tile kernel at the same tile count (7168 x 16384
+# 52.0 -> 48.9 us, 7168 x 2048 10.6 -> 10.2, 32768 x 512 13.5 -> 13.2) and p128n192's 128 tiles beat
+# m128n256's 96 at 24576 x 1536 (21.9 -> 20.9). At M = 64 (half of each 128-row A box past M) they were slower.
 SMALL_M_TILES = ("m128n256", "m128n128", "m128n64", "m64n256", "m64n128", "m64n64", "m128n64s2", "m128n64s4",
-                 "m128n64s8", "m64n64s2", "m64n64s4", "m64n64s8")
+                 "m128n64s8", "m64n64s2", "m64n64s4", "m64n64s8", "p128n256", "p128n192", "p128n64")
 SPLIT_FLAGS = 1 << 14  # split-K tile counters per (device, stream); more tiles than this are not split
 
 
@@ -57,9 +61,11 @@ def tile_for(m: int, n: int, k: int, layout: str, sms: int = 132, groups: int = 
 
     * Dense M <= SMALL_M (weight-bandwidth-bound): among SMALL_M_TILES of at most M rows (rounded
       up to 64), the one with the most blocks (K splits included) that still fit in one wave over
-      the SMs, ties to the taller tile (B read once), then to fewer splits; if none fits, the one
-      with the fewest blocks. Measured at M = 64 and 128 on the six DeepSeek-V3 shapes against 6
-      to 18 candidate tiles each, this picks the fastest in 11 of 12 cases (the 12th within 3%).
+      the SMs, ties to the taller tile (B read once), then to fewer splits, then to the persistent
+      kernel; if none fits, the one with the fewest blocks (one-CTA-per-tile kernel on ties).
+      Measured at M = 64 and 128 on the six DeepSeek-V3 shapes against 6 to 18 candidate tiles
+      each, this picks the fastest in 11 of 12 cases (the 12th within 3%); the persistent tiles
+      were measured against the rule's earlier picks (SMALL_M_TILES).
     * Otherwise (compute-bound; the M-grouped layouts always, with their 128-row blocks): 128 x 128,
       128 x 192 or 128 x 256, whichever finishes first counting whole waves over the SMs: waves x tile
       area / the tile's measured speed (DeepGEMM's heuristic in spirit), run by the persistent
@@ -68,12 +74,12 @@ def tile_for(m: int, n: int, k: int, layout: str, sms: int = 132, groups: int = 
       K <= SHORT_K."""
     if layout == "dense" and m <= SMALL_M:
         rows = -(-m // 64) * 64
-        keys = {}  # tile -> (blocks, block_m, -splits)
+        keys = {}  # tile -> (blocks, block_m, -splits, persistent)
         for tile in SMALL_M_TILES:
             bm, bn, splits = _tile_shape(tile, k)
             tiles = -(-m // bm) * -(-n // bn)
             if bm <= rows and (splits == 1 or tiles <= SPLIT_FLAGS):
-                keys[tile] = (tiles * splits, bm, -splits)
+                keys[tile] = (tiles * splits, bm, -splits, tile.startswith("p"))
         fitting = [tile for tile, key in keys.items() if key[0] <= sms]
         if fitting:
             return max(fitting, key=keys.get)
