@@ -220,12 +220,12 @@ def test_m_grouped_masked_cuda_graph_replay():
         _check_masked(d, a, b, masked_m)
 
 
-@pytest.mark.parametrize("tile", ["p128n192", "p128n64"])
+@pytest.mark.parametrize("tile", ["p128n192", "p128n64", "p64n64", "p64n192"])
 def test_persistent_narrow_tiles_every_layout(monkeypatch, tile):
     """128 x 192 tiles (persistent kernel) start in the middle of every other 128-row B scale block,
     so a tile's columns take one of two scales: N = 2112 (11 whole tiles), 200 and 4104 (a partial
-    last tile whose second scale block lies past N), under each layout; 128 x 64 tiles (taken at
-    small M) share a scale block in pairs."""
+    last tile whose second scale block lies past N), under each layout; 64-wide tiles (taken at
+    small M) share a scale block in pairs; 64-row tiles run one consumer warpgroup."""
     monkeypatch.setattr(fp8_launch, "tile_for", lambda *args, **kwargs: tile)
     for m, n, k in [(129, 200, 256), (777, 2112, 1024), (300, 4104, 512)]:
         a, b = _dense_inputs(m, n, k)

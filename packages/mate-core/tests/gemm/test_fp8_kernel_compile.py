@@ -48,11 +48,12 @@ def test_large_m_tile_rule(m, n, k, layout, tile):
 
 
 @pytest.mark.parametrize("m,n,k,tile", [
-    (64, 7168, 2048, "m64n64"),
-    (128, 7168, 2048, "p128n64"),  # ties with m128n64 (112 tiles): the persistent kernel
+    (64, 7168, 2048, "p64n64"),  # ties with m64n64 (112 tiles): the persistent kernel
+    (128, 7168, 2048, "p128n64"),
     (96, 7168, 16384, "p128n64"),
     (128, 24576, 1536, "p128n192"),  # 128 tiles fill more SMs than m128n256's 96
-    (64, 24576, 1536, "m64n256"),  # 128-row tiles only from 65 rows on
+    (16, 24576, 1536, "p64n192"),  # 128-row tiles only from 65 rows on
+    (1, 32768, 512, "p64n256"),
     (128, 2112, 7168, "m128n64s4"),
     (64, 4096, 7168, "m64n64s2"),
 ])
@@ -61,7 +62,7 @@ def test_small_m_tile_rule(m, n, k, tile):
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("layout,n,k,tile", [("dense", 2112, 7168, "m128n128"), ("dense", 7168, 2048, "m64n64"),
+@pytest.mark.parametrize("layout,n,k,tile", [("dense", 2112, 7168, "m128n128"), ("dense", 7168, 2048, "p64n64"),
                                            ("dense", 7168, 2048, "m128n256"), ("contiguous", 4096, 7168, "m128n256"),
                                            ("masked", 7168, 2048, "m128n128"), ("masked", 4096, 7168, "m128n256"),
                                            ("dense", 2112, 7168, "m64n64s4"), ("dense", 7168, 2048, "p128n256"),

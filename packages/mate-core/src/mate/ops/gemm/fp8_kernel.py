@@ -57,21 +57,23 @@ LAYOUTS = ("dense", "contiguous", "masked")
 # Tile buckets (fp8_launch.tile_for picks one per call; measured on H100, benchmarks/PERFORMANCE.md):
 # 128 x 256 for large M where it fills the waves (1.20-1.27x the 128 x 128 throughput), 128 x 128
 # otherwise. Small M (weight-bandwidth-bound): the tile that puts the most blocks, up to one per SM,
-# in flight, among 64- or 128-row tiles 64, 128 or 256 wide and split-K (`splits`, `_split_kernel`)
-# 64-wide ones where the N blocks alone are too few. 128 x 256 keeps 3 stages (4 do not fit beside
-# the masked layout's staging tiles; 3 measured as fast as 4 for dense).
+# in flight, among 64- or 128-row tiles 64, 128, 192 or 256 wide (the persistent kernel's where it has
+# them) and split-K (`splits`, `_split_kernel`) 64-wide ones where the N blocks alone are too few.
+# 128 x 256 keeps 3 stages (4 do not fit beside the masked layout's staging tiles; 3 measured as fast as
+# 4 for dense).
 _M64 = {"block_m": 64, "threads": 128}
 _M128 = {"block_m": 128, "threads": 256}
 TILES = {"m128n128": {**_M128, "block_n": 128, "num_stages": 4},
          "m128n256": {**_M128, "block_n": 256, "num_stages": 3},
-         "m128n64": {**_M128, "block_n": 64, "num_stages": 6},
          "m64n256": {**_M64, "block_n": 256, "num_stages": 4},
          "m64n128": {**_M64, "block_n": 128, "num_stages": 6},
-         "m64n64": {**_M64, "block_n": 64, "num_stages": 8},
          "p128n256": {**_M128, "block_n": 256, "num_stages": 3, "persistent": True},
          "p128n192": {**_M128, "block_n": 192, "num_stages": 4, "persistent": True},
          "p128n128": {**_M128, "block_n": 128, "num_stages": 5, "persistent": True},
          "p128n64": {**_M128, "block_n": 64, "num_stages": 8, "persistent": True},
+         "p64n256": {**_M64, "block_n": 256, "num_stages": 4, "persistent": True},
+         "p64n192": {**_M64, "block_n": 192, "num_stages": 5, "persistent": True},
+         "p64n64": {**_M64, "block_n": 64, "num_stages": 8, "persistent": True},
          **{f"m128n64s{s}": {**_M128, "block_n": 64, "num_stages": 6, "splits": s} for s in (2, 4, 8)},
          **{f"m64n64s{s}": {**_M64, "block_n": 64, "num_stages": 8, "splits": s} for s in (2, 4, 8)}}
 
@@ -146,8 +148,8 @@ def fp8_gemm_kernel(n: int, k: int, layout: str = "dense", *, block_m: int = 128
                     num_stages: int = 4, threads: int = 256, panel: int = 8, splits: int = 1,
                     persistent: bool = False):
     """Build the prim_func (not compiled) for weights of shape (n, k). `splits` > 1 (dense only):
-    split-K over that many CTAs per tile (see `_split_kernel`); `persistent` (block_m 128, block_n
-    64, 128, 192 or 256): `persistent_kernel`."""
+    split-K over that many CTAs per tile (see `_split_kernel`); `persistent` (block_n 64, 128, 192
+    or 256): `persistent_kernel`."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if k <= 0 or k % BLOCK_K:
@@ -163,11 +165,11 @@ def fp8_gemm_kernel(n: int, k: int, layout: str = "dense", *, block_m: int = 128
     if splits < 1 or (splits > 1 and (layout != "dense" or block_n == 256)):
         raise ValueError(f"splits must be 1, or > 1 with the dense layout and block_n <= 128, got {splits} "
                          f"({layout}, block_n {block_n})")
-    if persistent and (block_m != 128 or block_n not in (64, 128, 192, 256) or splits > 1):
-        raise ValueError(f"persistent needs block_m 128, block_n 64, 128, 192 or 256 and no splits, got "
-                         f"{block_m} x {block_n}, splits {splits}")
+    if persistent and (block_n not in (64, 128, 192, 256) or splits > 1):
+        raise ValueError(f"persistent needs block_n 64, 128, 192 or 256 and no splits, got "
+                         f"block_n {block_n}, splits {splits}")
     if persistent:
-        return persistent_kernel(n, k, layout, block_n=block_n, num_stages=num_stages, panel=panel)
+        return persistent_kernel(n, k, layout, block_m=block_m, block_n=block_n, num_stages=num_stages, panel=panel)
     if block_n == 256:
         return _wide_kernel(n, k, layout, block_m=block_m, num_stages=num_stages, threads=threads, panel=panel)
     parts = _narrow_parts(n, layout, block_m, block_n, num_stages)
@@ -433,10 +435,10 @@ def _locate(layout: str, aux, M, GA, t, n_blocks: int, panel: int, bm: int):
     return g, bx, by
 
 
-def persistent_kernel(n: int, k: int, layout: str = "dense", *, block_n: int = 256, num_stages: int = 3,
-                      panel: int = 8):
+def persistent_kernel(n: int, k: int, layout: str = "dense", *, block_m: int = 128, block_n: int = 256,
+                      num_stages: int = 3, panel: int = 8):
     """Persistent, with hand-written warp roles: `ctas` (a scalar parameter after aux, at least 1)
-    CTAs walk the 128 x block_n tiles t = cta, cta + ctas, ... in the panel order (masked: the
+    CTAs walk the block_m x block_n tiles t = cta, cta + ctas, ... in the panel order (masked: the
     live tiles only, counted from masked_m on the device; see `_locate`); the producer warpgroup
     streams A, B, A's and B's scales into a `num_stages` ring across tile boundaries, so the next
     tile's loads overlap this tile's epilogue. block_n 256 runs as two 128-column passes (one B
@@ -445,8 +447,9 @@ def persistent_kernel(n: int, k: int, layout: str = "dense", *, block_n: int = 2
     where 128 x 128 takes 4.1 and 128 x 256 2.2), so its columns take the first or the second of
     two scales. The bf16 stores are TMA stores whose reads of the staging tiles are waited for
     only before the next tile's epilogue overwrites them (masked: row-guarded stores for a
-    group's last, partial block)."""
-    bm = 128
+    group's last, partial block). One consumer warpgroup per 64 rows."""
+    bm = block_m
+    consumers = 2 * bm  # consumer threads; the producer warpgroup follows them
     width = 128 if block_n == 256 else block_n  # columns per wgmma pass
     passes = block_n // width
     straddles = block_n % 128 != 0
@@ -481,7 +484,7 @@ def persistent_kernel(n: int, k: int, layout: str = "dense", *, block_n: int = 2
 
     @T.prim_func
     def fp8_gemm_persistent(a: sig.a, b: sig.b, d: sig.d, sfa: sig.sfa, sfb: sig.sfb, aux: sig.aux, ctas: T.int32):
-        with T.Kernel(ctas, threads=384) as cta:
+        with T.Kernel(ctas, threads=consumers + 128) as cta:
             a_s = T.alloc_shared((S, bm, BLOCK_K), FP8)
             b0_s = T.alloc_shared((S, width, BLOCK_K), FP8)
             b1_s = T.alloc_shared((S, width, BLOCK_K), FP8)
@@ -495,7 +498,7 @@ def persistent_kernel(n: int, k: int, layout: str = "dense", *, block_n: int = 2
             scale0 = T.alloc_fragment((bm,), ACC)  # the pass's row scales times its B scale
             scale1 = T.alloc_fragment((bm,), ACC)  # (straddles) those with the second B scale
             full = T.alloc_barrier([128] * S)
-            empty = T.alloc_barrier([256] * S)
+            empty = T.alloc_barrier([consumers] * S)
             tx = T.get_thread_binding()
             tiles = T.alloc_var("int32", init=T.ceildiv(M, bm) * n_blocks)
             if layout == "masked":
@@ -503,7 +506,7 @@ def persistent_kernel(n: int, k: int, layout: str = "dense", *, block_n: int = 2
                 for gi in T.serial(GA):
                     tiles = tiles + _masked_blocks(aux, M, gi, bm) * n_blocks
             my_tiles = T.ceildiv(tiles - cta, ctas)
-            if tx >= 256:
+            if tx >= consumers:
                 T.set_max_nreg(24, 0)
                 for it in T.serial(my_tiles):
                     g, bx, by = _locate(layout, aux, M, GA, cta + it * ctas, n_blocks, panel, bm)
@@ -523,7 +526,7 @@ def persistent_kernel(n: int, k: int, layout: str = "dense", *, block_n: int = 2
                             T.tma_copy(b[expert, bx * block_n + width:bx * block_n + 2 * width,
                                          kb * BLOCK_K:kb * BLOCK_K + BLOCK_K], b1_s[st, :, :], barrier=full[st])
                         T.tma_copy(sfa[g, kb, by * bm:by * bm + bm], sa_s[st, :], barrier=full[st])
-                        if tx == 256:
+                        if tx == consumers:
                             sb_s[st, 0] = sb0
                             sb_s[st, 1] = sb1
                         T.barrier_arrive(full[st])

@@ -35,13 +35,13 @@ TILE_SPEED = {"m128n128": 1.0, "m128n192": 1.1, "m128n256": 1.2}
 # 4096 x 32768 x 512 864 / 918 / 865, M = 8192 881 / 938 / 876; at K = 1536 and 2048 128 x 256 stays
 # faster (1177 / 1144 / 1084, 1190 / 1100 / 1085).
 SHORT_K = 512
-# Small-M tile buckets (split-K ones included) that tile_for chooses among. The persistent kernel's (p128n*,
-# one tile per CTA here) stream the B scales through the producer instead of a prologue before the first
-# load: at M = 128, H100, 4-6% faster than the one-CTA-per-tile kernel at the same tile count (7168 x 16384
-# 52.0 -> 48.9 us, 7168 x 2048 10.6 -> 10.2, 32768 x 512 13.5 -> 13.2) and p128n192's 128 tiles beat
-# m128n256's 96 at 24576 x 1536 (21.9 -> 20.9). At M = 64 (half of each 128-row A box past M) they were slower.
-SMALL_M_TILES = ("m128n256", "m128n128", "m128n64", "m64n256", "m64n128", "m64n64", "m128n64s2", "m128n64s4",
-                 "m128n64s8", "m64n64s2", "m64n64s4", "m64n64s8", "p128n256", "p128n192", "p128n64")
+# Small-M tile buckets (split-K ones included) that tile_for chooses among. The persistent kernel's (p*, one
+# tile per CTA here) stream the B scales through the producer instead of a prologue before the first load, and
+# its 192-wide tiles put 128 CTAs on N = 24576 where 256-wide ones put 96. H100, against the one-CTA-per-tile
+# kernel's tiles: M = 128 7168 x 16384 52.0 -> 48.9 us, 7168 x 2048 10.6 -> 10.2, 32768 x 512 13.5 -> 13.2,
+# 24576 x 1536 21.9 -> 20.9; M = 64 (64-row tiles) 48.5 -> 46.9, 9.7 -> 9.2, 11.4 -> 11.1, 21.1 -> 19.2.
+SMALL_M_TILES = ("m128n256", "m128n128", "m64n256", "m64n128", "m128n64s2", "m128n64s4", "m128n64s8", "m64n64s2",
+                 "m64n64s4", "m64n64s8", "p128n256", "p128n192", "p128n64", "p64n256", "p64n192", "p64n64")
 SPLIT_FLAGS = 1 << 14  # split-K tile counters per (device, stream); more tiles than this are not split
 
 
