@@ -39,9 +39,9 @@ warpgroups of 64 rows) or 64 (one), block_n 16..128 inside one B scale block or 
 128-column halves, `_wide_kernel`), block_k 128 (one scale block), a `num_stages` TMA ring fed by
 a producer warpgroup (TileLang's warp specialization), and a swizzled rasterization of the
 (N blocks, M blocks) grid for L2 reuse. Two variants add parameters after aux: `_split_kernel`
-(dense split-K for small M: ws, flags) and `persistent_kernel` (every layout, the large-M path:
-hand-written warp roles, one CTA per SM looping over the tiles, masked walking only the tiles
-below masked_m: ctas). The host (fp8_launch.tile_for) picks the tile per call.
+(dense split-K for small M: ws, flags) and `persistent_kernel` (every layout, the large-M path
+and the unsplit small-M tiles: hand-written warp roles, at most one CTA per SM looping over the
+tiles, masked walking only the tiles below masked_m: ctas). The host (fp8_launch.tile_for) picks the tile per call.
 """
 
 from types import SimpleNamespace
