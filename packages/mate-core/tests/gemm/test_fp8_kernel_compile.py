@@ -22,6 +22,8 @@ from mate.ops.gemm import fp8_kernel, fp8_launch, support  # noqa: E402
     ({"block_m": 64, "threads": 256}, "block_m"),
     ({"layout": "masked", "splits": 2}, "splits"),
     ({"block_n": 256, "splits": 2}, "splits"),
+    ({"persistent": True, "block_n": 32}, "persistent needs block_n 64, 128, 192 or 256"),
+    ({"persistent": True, "splits": 2}, "persistent needs .* no splits"),
 ])
 def test_build_rejects_bad_configs(kwargs, match):
     args = {"n": 256, "k": 512, "layout": "dense"}
