@@ -263,7 +263,8 @@ def main() -> None:
         rows.append(row)
 
     worst = max(max(c["max |out err|"] for c in checks), 0.0)
-    notes = (f"bf16, torch SDPA with the cuDNN backend timed in the same run; median of 50 runs after warm-up, "
+    notes = (f"bf16, torch SDPA with the cuDNN backend timed in the same run; median of 50 runs after warm-up "
+             f"and 0.5 s of back-to-back calls (each call in its own steady power state, bench.SETTLE_S), "
              f"inputs rotated over >2x L2. Spot-check vs float32 math: max |out err| {worst:.3g}. "
              f"FLOPs 4*b*h*s*s*d (causal halved; varlen counts visible pairs). fp8 rows: e4m3 q/k/v with "
              f"descales through flash_attn_varlen_func (V transpose pre-pass + kernel, bf16 out); their cuDNN "

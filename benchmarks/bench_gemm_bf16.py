@@ -188,7 +188,8 @@ def main() -> None:
     if "grouped" in cases:
         m_grouped_rows(peak, rows)
         k_grouped_rows(peak, rows)
-    notes = (f"CUDA-graph replay medians (kernel time), inputs rotated past L2. bf16 peak {peak:.0f} TFLOP/s "
+    notes = (f"CUDA-graph replay medians (kernel time), inputs rotated past L2, each call timed in its own "
+             f"steady power state (after 0.5 s of back-to-back calls, bench.SETTLE_S). bf16 peak {peak:.0f} TFLOP/s "
              "(torch.mm 8192^3, same run). Peers: torch.mm (cuBLAS) for bf16_gemm_nt / nn with the same operand "
              "layouts, torch.bmm for bmm_fp16 and the masked grouped GEMM, loops of torch.mm over the groups (one "
              "graph) for the contiguous and K-grouped GEMMs (K-grouped: bf16 outputs, no C). shape: M x N x K "

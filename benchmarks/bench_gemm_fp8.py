@@ -165,7 +165,8 @@ def main() -> None:
     if not args.quick:
         contiguous_rows(CONTIGUOUS, peak, rows)
         masked_rows(MASKED, peak, rows)
-    notes = (f"CUDA-graph replay medians (kernel time), inputs rotated past L2. Copy bandwidth {copy_gbs:.0f} GB/s "
+    notes = ("CUDA-graph replay medians (kernel time), inputs rotated past L2, each call timed in its own steady "
+             f"power state (after 0.5 s of back-to-back calls, bench.SETTLE_S). Copy bandwidth {copy_gbs:.0f} GB/s "
              f"and the fp8 peak ({peak:.0f} TFLOP/s, torch._scaled_mm 8192^3, per-tensor scales, fast accumulation) "
              "measured in the same run. Peer: torch._scaled_mm with row-wise scales (a different, cheaper scaling "
              "recipe: one scale per row / column, no per-128-K promotion). '% of copy BW (weights)': bytes of "

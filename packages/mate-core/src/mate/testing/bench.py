@@ -1,23 +1,37 @@
-"""Honest GPU timing for benchmarks: device events, warm-up, median of many runs, inputs
-rotated so that the working set exceeds L2, and the measured copy bandwidth as the
-memory roofline."""
+"""Honest GPU timing for benchmarks: device events, warm-up, a settled power state, median of
+many runs, inputs rotated so that the working set exceeds L2, and the measured copy bandwidth as
+the memory roofline."""
 
 from __future__ import annotations
 
 import json
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
+# Seconds of back-to-back calls before timing. The H100 (700 W limit) lowers its clocks within ~0.25 s of
+# sustained FP8 GEMM load (1980 -> 1425-1560 MHz, throttle reason: power cap), and kernels that draw more
+# power lose more (our FP8 GEMM at 7168 x 16384: -15%, torch._scaled_mm: -7%). Timed without settling, a
+# call measured first runs on the clocks of an idle GPU and the next one on those its predecessor left.
+SETTLE_S = 0.5
 
-def time_ms(fn: Callable[..., object], arg_sets: Sequence[tuple], warmup: int = 10, iters: int = 100) -> float:
+
+def time_ms(fn: Callable[..., object], arg_sets: Sequence[tuple], warmup: int = 10, iters: int = 100,
+            settle_s: float = SETTLE_S) -> float:
     """Median milliseconds of fn(*args), cycling through `arg_sets` (use several sets whose
-    total size exceeds L2 so each run reads from DRAM)."""
+    total size exceeds L2 so each run reads from DRAM), in fn's own steady state: after `warmup`
+    calls, `settle_s` seconds of calls (see SETTLE_S)."""
     for i in range(warmup):
         fn(*arg_sets[i % len(arg_sets)])
     torch.cuda.synchronize()
+    start = time.perf_counter()
+    while time.perf_counter() - start < settle_s:
+        for i in range(max(len(arg_sets), 20)):  # queued back to back, then a sync to read the clock
+            fn(*arg_sets[i % len(arg_sets)])
+        torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     for i in range(iters):
