@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 # Seconds of back-to-back calls before timing. The H100 (700 W limit) lowers its clocks within ~0.25 s of
-# sustained FP8 GEMM load (1980 -> 1425-1560 MHz, throttle reason: power cap), and kernels that draw more
+# sustained FP8 GEMM load (1980 -> 1365-1620 MHz, throttle reason: power cap), and kernels that draw more
 # power lose more (our FP8 GEMM at 7168 x 16384: -15%, torch._scaled_mm: -7%). Timed without settling, a
 # call measured first runs on the clocks of an idle GPU and the next one on those its predecessor left.
 SETTLE_S = 0.5
