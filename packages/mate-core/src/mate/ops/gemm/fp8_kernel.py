@@ -288,9 +288,10 @@ def _split_kernel(n: int, k: int, parts: SimpleNamespace, *, block_m: int, block
             last = T.alloc_shared((1,), "int32")
             partial = T.alloc_fragment((block_m, block_n), ACC)
             acc = T.alloc_fragment((block_m, block_n), ACC)
-            total = T.alloc_fragment((block_m, block_n), ACC)
             if paired:
                 partials_s = T.alloc_shared((block_m, block_n), ACC)
+            else:
+                total = T.alloc_fragment((block_m, block_n), ACC)
             tx = T.get_thread_binding()
 
             if not paired:
