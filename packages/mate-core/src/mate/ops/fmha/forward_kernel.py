@@ -197,15 +197,18 @@ def default_config(head_dim: int, head_dim_v: int | None = None, causal: bool = 
         # Wider key blocks spread the per-row softmax work (max, rescale) over more keys: d=128 on an
         # H100, 815 TFLOP/s at 192 against 771 at 128 (kernel alone; 3 stages: 752).
         block_n = 192
+    block_m = cfg.block_m
     if d <= 64 and causal and not (has_window or has_softcap):
-        # The 128-row causal tile with wider key blocks: 427 TFLOP/s against 414 at 128 keys on an H100
-        # (b=8, h=32, s=4096, kernel alone, three rounds within 0.1%; 160 keys measured slower).
-        block_n = 192
+        # Three consumer warpgroups, as non-causal d=64 (FA3's FP8 d=64 tile): kernel alone on an H100,
+        # three rounds, TFLOP/s: b=8 h=32 s=4096 447 against 412 for 128x192 (192x128: 437-442);
+        # b=1 s=16384 556-564 against 494; b=32 s=1024 227 against 238 (short sequences pay for the
+        # taller diagonal blocks).
+        block_m, block_n = 192, 160
     if d == 256 and (head_dim_v or head_dim) == head_dim and not (causal or has_window or has_softcap):
         # Half the bytes of bf16 leave room for 128 keys (224 KB of shared memory): 1004 TFLOP/s
         # against 866 at 64 on an H100 (kernel alone).
         block_n = 128
-    return Config(block_m=cfg.block_m, block_n=block_n, num_stages=cfg.num_stages)
+    return Config(block_m=block_m, block_n=block_n, num_stages=cfg.num_stages)
 
 
 def _default_config(head_dim: int, dv: int, causal: bool, has_window: bool, has_softcap: bool) -> Config:
