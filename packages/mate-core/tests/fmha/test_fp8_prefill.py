@@ -128,7 +128,7 @@ def _fp8(gen, *shape, scale=1.0):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim_v, block_n",
-                         [(64, 128), (64, 192), (128, 192), (128, 128), (256, 128), (96, 96), (192, 64)])
+                         [(64, 128), (64, 160), (64, 192), (128, 192), (128, 128), (256, 128), (96, 96), (192, 64)])
 def test_v_transpose_kernel_matches_its_reference(head_dim_v, block_n):
     """The pre-pass kernel byte for byte: an empty sequence (one zero block), short ones, the last one
     padded past the end of v, and, with one block too few, the columns past vt's end dropped."""
